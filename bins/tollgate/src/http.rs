@@ -1,0 +1,621 @@
+//! actix-web adapter: the proxy handler, operations endpoints and the admin API.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{CACHE_CONTROL, CONTENT_LENGTH, HeaderName, HeaderValue, PRAGMA};
+use actix_web::{HttpRequest, HttpResponse, web};
+use bytes::{Bytes, BytesMut};
+use cache_core::{CacheKey, CacheStatus, CacheStore, PurgeFilter, Served};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+use crate::gateway::{Gateway, ProxyRequest};
+
+/// Shared by every worker.
+pub struct AppState {
+    pub gateway: Arc<Gateway>,
+    /// The durable tier, pinged by `/ready`.
+    pub l2: Option<Arc<dyn CacheStore>>,
+    pub l2_backend: &'static str,
+    /// The shared Redis, when configured (pinged by `/ready`).
+    pub redis: Option<ratelimit::RedisBackend>,
+    request_prefix: u32,
+    request_counter: AtomicU64,
+}
+
+impl AppState {
+    pub fn new(
+        gateway: Arc<Gateway>,
+        l2: Option<Arc<dyn CacheStore>>,
+        l2_backend: &'static str,
+        redis: Option<ratelimit::RedisBackend>,
+    ) -> Self {
+        AppState {
+            gateway,
+            l2,
+            l2_backend,
+            redis,
+            request_prefix: rand::random(),
+            request_counter: AtomicU64::new(0),
+        }
+    }
+
+    /// The client's `X-Request-Id` when it is sane, else a new one.
+    fn request_id(&self, req: &HttpRequest) -> String {
+        if let Some(v) = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            && !v.is_empty()
+            && v.len() <= 64
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        {
+            return v.to_string();
+        }
+        let n = self.request_counter.fetch_add(1, Ordering::Relaxed);
+        format!("{:08x}{:012x}", self.request_prefix, n)
+    }
+}
+
+/// Mounts every route.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/health", web::get().to(health))
+        .route("/ready", web::get().to(ready))
+        .route("/metrics", web::get().to(metrics))
+        .route("/admin/cache/purge", web::post().to(purge))
+        .route("/admin/breakers", web::get().to(breakers))
+        .route("/admin/keys", web::post().to(create_key))
+        .route("/admin/keys", web::get().to(list_keys))
+        .route("/admin/keys/{id}", web::delete().to(revoke_key))
+        .default_service(web::to(proxy));
+}
+
+async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+#[derive(Serialize)]
+struct Dependency {
+    state: &'static str,
+    backend: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    let database = match &state.l2 {
+        None => Dependency {
+            state: "disabled",
+            backend: "none",
+            error: None,
+        },
+        Some(l2) => {
+            let probe = l2.ping();
+            match tokio::time::timeout(Duration::from_secs(2), probe).await {
+                Ok(Ok(_)) => Dependency {
+                    state: "up",
+                    backend: state.l2_backend,
+                    error: None,
+                },
+                Ok(Err(e)) => Dependency {
+                    state: "down",
+                    backend: state.l2_backend,
+                    error: Some(e.to_string()),
+                },
+                Err(_) => Dependency {
+                    state: "down",
+                    backend: state.l2_backend,
+                    error: Some("no answer within 2s".into()),
+                },
+            }
+        }
+    };
+    let redis = match &state.redis {
+        None => Dependency {
+            state: "disabled",
+            backend: "none",
+            error: None,
+        },
+        Some(r) => match tokio::time::timeout(Duration::from_secs(1), r.ping()).await {
+            Ok(Ok(())) => Dependency {
+                state: "up",
+                backend: "redis",
+                error: None,
+            },
+            Ok(Err(e)) => Dependency {
+                state: "down",
+                backend: "redis",
+                error: Some(e.to_string()),
+            },
+            Err(_) => Dependency {
+                state: "down",
+                backend: "redis",
+                error: Some("no answer within 1s".into()),
+            },
+        },
+    };
+    // The gateway keeps serving when the database or Redis is down (L1, key cache, local
+    // limits): degraded, not unready.
+    let status = if database.state == "down" || redis.state == "down" {
+        "degraded"
+    } else {
+        "ready"
+    };
+    let upstreams: serde_json::Map<String, serde_json::Value> = state
+        .gateway
+        .upstreams
+        .iter()
+        .map(|(name, up)| {
+            let breaker = up.client.breaker_state().map_or("none", |s| s.as_str());
+            (name.clone(), serde_json::json!({ "breaker": breaker }))
+        })
+        .collect();
+    HttpResponse::Ok().json(serde_json::json!({
+        "status": status,
+        "dependencies": {
+            "database": database,
+            "redis": redis,
+        },
+        "upstreams": upstreams,
+    }))
+}
+
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let g = &state.gateway;
+    let m = &g.metrics;
+    if let Ok(usage) = g.cache.store().usage().await {
+        m.cache_entries
+            .set(i64::try_from(usage.entries).unwrap_or(i64::MAX));
+        m.cache_bytes
+            .set(i64::try_from(usage.bytes).unwrap_or(i64::MAX));
+    }
+    let stats = g.cache.stats();
+    let get = |a: &AtomicU64| i64::try_from(a.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
+    m.cache_collisions.set(get(&stats.collisions));
+    m.cache_store_errors.set(get(&stats.store_errors));
+    if let Some(t) = &g.tier_stats {
+        m.cache_l2_errors.set(get(&t.l2_errors));
+        m.cache_l2_hits.set(get(&t.l2_hits));
+    }
+    m.in_flight_fetches.set(g.cache.in_flight() as f64);
+    for (name, up) in &g.upstreams {
+        let c = &up.client;
+        let state = match c.breaker_state() {
+            Some(breaker::State::Open) => 2,
+            Some(breaker::State::HalfOpen) => 1,
+            _ => 0,
+        };
+        let labels = [name.as_str()];
+        m.breaker_state.with_label_values(&labels).set(state);
+        let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        m.upstream_retries
+            .with_label_values(&labels)
+            .set(clamp(c.retries()));
+        m.breaker_rejections
+            .with_label_values(&labels)
+            .set(clamp(c.rejected()));
+        m.retries_denied
+            .with_label_values(&labels)
+            .set(clamp(c.retries_denied()));
+    }
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(m.render())
+}
+
+/// Constant-time comparison of the bearer token with the admin token.
+fn admin_authorized(req: &HttpRequest, token: &str) -> Result<(), ApiError> {
+    if token.is_empty() {
+        return Err(ApiError::forbidden(
+            "the admin API is disabled: set server.admin_token",
+        ));
+    }
+    let given = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiError::unauthorized("admin token required (Authorization: Bearer ...)")
+        })?;
+    if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized("wrong admin token"))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `POST /admin/keys`: body as `keys create`'s options; answers like `keys create --json`.
+async fn create_key(req: HttpRequest, body: Bytes, state: web::Data<AppState>) -> HttpResponse {
+    let rid = state.request_id(&req);
+    let result = async {
+        admin_authorized(&req, &state.gateway.config.server.admin_token)?;
+        let options: crate::keys::CreateKey = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("invalid key request: {e}")))?;
+        let now = crate::keys::now_millis();
+        let new = options.to_new_key(now).map_err(ApiError::bad_request)?;
+        let (record, key) = state
+            .gateway
+            .keys
+            .create(new)
+            .await
+            .map_err(key_store_error)?;
+        tracing::info!(id = %record.id, name = %record.name, "API key created");
+        Ok::<_, ApiError>(crate::keys::Created::new(&record, &key, now))
+    }
+    .await;
+    match result {
+        Ok(created) => HttpResponse::Created().json(created),
+        Err(e) => e.respond(&rid),
+    }
+}
+
+/// `GET /admin/keys`: every key, never its plaintext or digest.
+async fn list_keys(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    let rid = state.request_id(&req);
+    let result = async {
+        admin_authorized(&req, &state.gateway.config.server.admin_token)?;
+        let mut records = state
+            .gateway
+            .keys
+            .store()
+            .list()
+            .await
+            .map_err(key_store_error)?;
+        records.sort_by_key(|r| r.created_at);
+        let now = crate::keys::now_millis();
+        Ok::<_, ApiError>(records.iter().map(|r| r.info(now)).collect::<Vec<_>>())
+    }
+    .await;
+    match result {
+        Ok(keys) => HttpResponse::Ok().json(serde_json::json!({ "keys": keys })),
+        Err(e) => e.respond(&rid),
+    }
+}
+
+/// `DELETE /admin/keys/{id}`: revokes at once on this node, within seconds on the others.
+async fn revoke_key(
+    req: HttpRequest,
+    id: web::Path<String>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let rid = state.request_id(&req);
+    let result = async {
+        admin_authorized(&req, &state.gateway.config.server.admin_token)?;
+        let key_id = keystore::KeyId::parse(&id)
+            .map_err(|_| ApiError::not_found(format!("no key {id:?}")))?;
+        if !state
+            .gateway
+            .keys
+            .revoke(&key_id)
+            .await
+            .map_err(key_store_error)?
+        {
+            return Err(ApiError::not_found(format!("no key {id:?}")));
+        }
+        tracing::info!(id = %key_id, "API key revoked");
+        Ok(key_id)
+    }
+    .await;
+    match result {
+        Ok(id) => {
+            HttpResponse::Ok().json(serde_json::json!({ "id": id.to_string(), "revoked": true }))
+        }
+        Err(e) => e.respond(&rid),
+    }
+}
+
+fn key_store_error(e: keystore::KeyError) -> ApiError {
+    match e {
+        keystore::KeyError::Invalid(m) => ApiError::bad_request(m),
+        e => {
+            let mut err = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                format!("key store: {e}"),
+            );
+            err.retry_after = Some(1);
+            err
+        }
+    }
+}
+
+/// `GET /admin/breakers`: every upstream's breaker.
+async fn breakers(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    let rid = state.request_id(&req);
+    if let Err(e) = admin_authorized(&req, &state.gateway.config.server.admin_token) {
+        return e.respond(&rid);
+    }
+    let ms = |d: Option<Duration>| d.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let mut out = serde_json::Map::new();
+    let mut names: Vec<&String> = state.gateway.upstreams.keys().collect();
+    names.sort();
+    for name in names {
+        let up = &state.gateway.upstreams[name];
+        let c = &up.client;
+        let value = match c.breaker_snapshot() {
+            None => serde_json::json!({ "state": "none" }),
+            Some(s) => serde_json::json!({
+                "state": s.state.as_str(),
+                "consecutive_failures": s.consecutive_failures,
+                "calls_in_window": s.calls_in_window,
+                "failures_in_window": s.failures_in_window,
+                "failure_rate": s.failure_rate,
+                "next_probe_in_ms": ms(s.next_probe_in),
+                "probes_in_flight": s.probes_in_flight,
+                "retries": c.retries(),
+                "rejected": c.rejected(),
+                "retries_denied": c.retries_denied(),
+            }),
+        };
+        out.insert(name.clone(), value);
+    }
+    HttpResponse::Ok().json(serde_json::json!({ "breakers": out }))
+}
+
+/// Body of `POST /admin/cache/purge`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeRequest {
+    #[serde(default)]
+    pub upstream: Option<String>,
+    #[serde(default)]
+    pub route: Option<String>,
+    #[serde(default)]
+    pub cache_key: Option<String>,
+}
+
+impl PurgeRequest {
+    pub fn filter(&self) -> Result<PurgeFilter, ApiError> {
+        let key = match &self.cache_key {
+            Some(k) => {
+                Some(CacheKey::from_hex(k).map_err(|e| ApiError::bad_request(e.to_string()))?)
+            }
+            None => None,
+        };
+        Ok(PurgeFilter {
+            upstream: self.upstream.clone(),
+            route: self.route.clone(),
+            key,
+        })
+    }
+}
+
+async fn purge(req: HttpRequest, body: Bytes, state: web::Data<AppState>) -> HttpResponse {
+    let rid = state.request_id(&req);
+    let result = async {
+        admin_authorized(&req, &state.gateway.config.server.admin_token)?;
+        let p: PurgeRequest = if body.iter().all(u8::is_ascii_whitespace) {
+            PurgeRequest::default()
+        } else {
+            serde_json::from_slice(&body)
+                .map_err(|e| ApiError::bad_request(format!("invalid purge request: {e}")))?
+        };
+        let filter = p.filter()?;
+        let purged = state
+            .gateway
+            .cache
+            .store()
+            .purge(&filter)
+            .await
+            .map_err(|e| ApiError::internal(format!("purge failed: {e}")))?;
+        tracing::info!(?filter, purged, "cache purged");
+        Ok::<_, ApiError>(purged)
+    }
+    .await;
+    match result {
+        Ok(n) => HttpResponse::Ok().json(serde_json::json!({ "purged": n })),
+        Err(e) => e.respond(&rid),
+    }
+}
+
+async fn proxy(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let rid = state.request_id(&req);
+    match proxy_inner(&req, payload, &state).await {
+        Ok((served, rate)) => {
+            let mut resp = respond(&req, &served, &rid, &state);
+            if let Some(h) = rate {
+                h.set_on(resp.headers_mut());
+            }
+            resp
+        }
+        Err((e, Some(fallback)))
+            if matches!(
+                e.code,
+                "upstream_error" | "upstream_timeout" | "upstream_unavailable"
+            ) =>
+        {
+            tracing::debug!(error = %e, "upstream down; answering the route's fallback");
+            let status = StatusCode::from_u16(fallback.status).unwrap_or(StatusCode::OK);
+            HttpResponse::build(status)
+                .insert_header((X_CACHE.clone(), HeaderValue::from_static("BYPASS")))
+                .insert_header(("x-tollgate-fallback", "true"))
+                .insert_header((X_UPSTREAM_COST.clone(), HeaderValue::from_static("0")))
+                .insert_header(("content-type", fallback.content_type.as_str()))
+                .insert_header((X_REQUEST_ID.clone(), rid.as_str()))
+                .body(fallback.body.clone())
+        }
+        Err((e, _)) => {
+            if e.status.is_client_error() {
+                state
+                    .gateway
+                    .metrics
+                    .client_errors
+                    .with_label_values(&[e.code])
+                    .inc();
+            }
+            e.respond(&rid)
+        }
+    }
+}
+
+/// The answer (with the tightest limit's headers), or the error with the matched route's
+/// fallback (if it has one).
+async fn proxy_inner(
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &AppState,
+) -> Result<
+    (Served, Option<crate::limits::Headers>),
+    (ApiError, Option<crate::config::FallbackConfig>),
+> {
+    let mut route_fallback = None;
+    proxy_route(req, payload, state, &mut route_fallback)
+        .await
+        .map_err(|e| (e, route_fallback))
+}
+
+async fn proxy_route(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    state: &AppState,
+    route_fallback: &mut Option<crate::config::FallbackConfig>,
+) -> Result<(Served, Option<crate::limits::Headers>), ApiError> {
+    let server = &state.gateway.config.server;
+    let target_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) as u64;
+    if target_len > server.max_url_bytes.0 {
+        return Err(ApiError::uri_too_long(server.max_url_bytes.0));
+    }
+    let header_bytes: u64 = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().len() + v.len() + 4) as u64)
+        .sum();
+    if header_bytes > server.max_header_bytes.0 {
+        return Err(ApiError::headers_too_large(server.max_header_bytes.0));
+    }
+    let full = req.path();
+    let rest = full.strip_prefix('/').unwrap_or(full);
+    let (upstream, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if upstream.is_empty() {
+        return Err(ApiError::not_found("call /{upstream}/{path}"));
+    }
+    let method = req.method().as_str();
+    let limits = &state.gateway.limits;
+    let ingress = limits.ingress(&crate::auth::client_ip(req)).await?;
+    let identity =
+        crate::auth::authenticate(&state.gateway.keys, state.gateway.config.auth.required, req)
+            .await?;
+    let (up, route) = state.gateway.resolve(upstream, path, method)?;
+    if let Some(key) = identity.key()
+        && !key.allows_upstream(&up.name)
+    {
+        return Err(ApiError::forbidden(format!(
+            "this key may not call upstream {:?}",
+            up.name
+        )));
+    }
+    let admission = limits.admit(&identity, &up.name, &route, ingress).await?;
+    route_fallback.clone_from(&route.fallback);
+
+    let limit = server.max_body_bytes.0;
+    if let Some(len) = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > limit
+    {
+        return Err(ApiError::payload_too_large(limit));
+    }
+    let mut body = BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::bad_request(format!("reading request body: {e}")))?;
+        if (body.len() + chunk.len()) as u64 > limit {
+            return Err(ApiError::payload_too_large(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+
+    let force_refresh = [CACHE_CONTROL, PRAGMA].iter().any(|h| {
+        req.headers().get_all(h).any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|d| d.trim().eq_ignore_ascii_case("no-cache"))
+            })
+        })
+    });
+    let preq = ProxyRequest {
+        method,
+        path,
+        query: req.query_string(),
+        headers: || {
+            req.headers()
+                .iter()
+                .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+                .collect()
+        },
+        body: body.freeze(),
+        force_refresh,
+        cached_only: admission.cached_only,
+    };
+    let served = state.gateway.proxy(&up, &route, preq).await?;
+    limits
+        .record(&identity, &admission, served.fetched, route.cost)
+        .await;
+    Ok((served, admission.tightest))
+}
+
+static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+static X_UPSTREAM_COST: HeaderName = HeaderName::from_static("x-upstream-cost");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+fn respond(req: &HttpRequest, served: &Served, rid: &str, state: &AppState) -> HttpResponse {
+    let entry = &served.entry;
+    let status = StatusCode::from_u16(entry.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut b = HttpResponse::build(status);
+    for (k, v) in &entry.headers {
+        if let (Ok(k), Ok(v)) = (HeaderName::try_from(k.as_str()), HeaderValue::from_str(v)) {
+            b.append_header((k, v));
+        }
+    }
+    b.insert_header((
+        X_CACHE.clone(),
+        HeaderValue::from_static(served.status.as_str()),
+    ));
+    if matches!(served.status, CacheStatus::Hit | CacheStatus::Stale) {
+        b.insert_header((actix_web::http::header::AGE, served.age_secs));
+    }
+    // HIT and STALE answers cost the client nothing, even when a failed call stood behind them.
+    let cost = match served.status {
+        CacheStatus::Miss | CacheStatus::Bypass if served.fetched => entry.cost,
+        _ => 0.0,
+    };
+    let _ = state;
+    b.insert_header((X_UPSTREAM_COST.clone(), format_cost(cost)));
+    if let Ok(v) = HeaderValue::from_str(rid) {
+        b.insert_header((X_REQUEST_ID.clone(), v));
+    }
+    // For HEAD, actix sends the headers (Content-Length included) and drops the body.
+    let _ = req;
+    b.body(entry.body.clone())
+}
+
+/// A cost as a header value: plain decimal, no exponent, no trailing zeros.
+pub fn format_cost(cost: f64) -> String {
+    if cost == 0.0 {
+        return "0".into();
+    }
+    let s = format!("{cost:.6}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}

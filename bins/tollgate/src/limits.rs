@@ -1,0 +1,309 @@
+//! Every edge guarded: the per-IP ingress limit, a key's (or anonymous client's) rate limits,
+//! its daily/monthly request quotas and its spend budget. The egress limit per upstream lives
+//! with the upstream call (`gateway.rs`).
+//!
+//! Request quotas: with `auth.count_cache_hits = true` (the default) every answered request
+//! counts, checked and counted atomically before the cache (exact). With `false`, a request is
+//! checked against the quota before the cache and counted after it only if it went upstream,
+//! so concurrent misses at the boundary may overshoot by their number.
+//!
+//! Spend budgets count only upstream cost (hits and stale answers cost nothing). A key past its
+//! budget is served from the cache only; the request that crosses the budget is counted after
+//! its call, so a budget may be exceeded by one call's cost per concurrent request.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ratelimit::{Decision, Limit, QuotaStore, RateLimiter, Window};
+
+use crate::auth::Identity;
+use crate::config::Rate;
+use crate::error::ApiError;
+use crate::gateway::RouteRuntime;
+
+/// The limits of this gateway.
+pub struct Limits {
+    pub limiter: Arc<dyn RateLimiter>,
+    pub quotas: Arc<dyn QuotaStore>,
+    per_ip: Option<Limit>,
+    per_client: Option<Limit>,
+    count_cache_hits: bool,
+}
+
+/// What the limits decided for one request, before the cache.
+#[derive(Debug, Default)]
+pub struct Admission {
+    /// The limit with the least room left (`RateLimit-*` headers).
+    pub tightest: Option<Headers>,
+    /// The key's spend budget is used up: answer from the cache only. The time until the
+    /// exhausted budget's window (UTC day or month) resets, for `Retry-After`.
+    pub cached_only: Option<Duration>,
+    /// Request quotas to count after the answer (cache hits not counted).
+    count_after: Vec<(Window, u64)>,
+}
+
+/// `RateLimit-Limit`, `-Remaining`, `-Reset` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Headers {
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset_secs: u64,
+}
+
+impl Headers {
+    /// Adds the three headers to a response being built.
+    pub fn apply(&self, b: &mut actix_web::HttpResponseBuilder) {
+        b.insert_header(("ratelimit-limit", self.limit));
+        b.insert_header(("ratelimit-remaining", self.remaining));
+        b.insert_header(("ratelimit-reset", self.reset_secs));
+    }
+
+    /// Sets the three headers on a built response.
+    pub fn set_on(&self, headers: &mut actix_web::http::header::HeaderMap) {
+        use actix_web::http::header::{HeaderName, HeaderValue};
+        for (name, value) in [
+            ("ratelimit-limit", self.limit),
+            ("ratelimit-remaining", self.remaining),
+            ("ratelimit-reset", self.reset_secs),
+        ] {
+            headers.insert(HeaderName::from_static(name), HeaderValue::from(value));
+        }
+    }
+
+    fn tighter(self, other: Option<Headers>) -> Headers {
+        match other {
+            Some(o) if o.remaining < self.remaining => o,
+            _ => self,
+        }
+    }
+}
+
+fn limit_of(rate: &Rate) -> Limit {
+    Limit::new(rate.count, rate.per)
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+impl Limits {
+    pub fn new(
+        limiter: Arc<dyn RateLimiter>,
+        quotas: Arc<dyn QuotaStore>,
+        config: &crate::config::Config,
+    ) -> Self {
+        Limits {
+            limiter,
+            quotas,
+            per_ip: config.limits.per_ip.as_ref().map(limit_of),
+            per_client: config.limits.per_client.as_ref().map(limit_of),
+            count_cache_hits: config.auth.count_cache_hits,
+        }
+    }
+
+    /// One rate-limit check; `Ok(headers)` when allowed.
+    async fn check(&self, key: &str, limit: &Limit, what: &str) -> Result<Headers, ApiError> {
+        let d: Decision = match self.limiter.check(key, limit, 1).await {
+            Ok(d) => d,
+            Err(e) => {
+                // The limiter applies the Redis failure policy itself; an error left here is
+                // not the client's doing (e.g. a limit the limiter rejects): let it through.
+                tracing::warn!(error = %e, what, "rate limit check failed; allowed");
+                return Ok(Headers {
+                    limit: u64::from(limit.count),
+                    remaining: u64::from(limit.count),
+                    reset_secs: 0,
+                });
+            }
+        };
+        let headers = Headers {
+            limit: u64::from(d.limit),
+            remaining: u64::from(d.remaining),
+            reset_secs: ceil_secs(d.reset_after),
+        };
+        if d.allowed {
+            Ok(headers)
+        } else {
+            let mut e = ApiError::rate_limited(
+                format!("{what} rate limit of {limit} exceeded"),
+                d.retry_after.unwrap_or(d.reset_after),
+            );
+            e.rate_headers = Some(headers);
+            Err(e)
+        }
+    }
+
+    /// The per-IP ingress limit, before authentication.
+    pub async fn ingress(&self, ip: &str) -> Result<Option<Headers>, ApiError> {
+        match &self.per_ip {
+            None => Ok(None),
+            Some(limit) => self
+                .check(&format!("ip:{ip}"), limit, "per-IP")
+                .await
+                .map(Some),
+        }
+    }
+
+    /// Rate limits, quotas and budget of an identified client on a route.
+    pub async fn admit(
+        &self,
+        identity: &Identity,
+        upstream: &str,
+        route: &RouteRuntime,
+        ingress: Option<Headers>,
+    ) -> Result<Admission, ApiError> {
+        let subject = identity.subject();
+        let mut tightest = ingress;
+        let key = identity.key();
+        let own = key
+            .and_then(|k| k.rate_limit)
+            .map(|r| {
+                Limit::new(
+                    u32::try_from(r.count).unwrap_or(u32::MAX),
+                    Duration::from_secs(r.per_secs),
+                )
+            })
+            .or(self.per_client);
+        if let Some(limit) = own {
+            let h = self.check(&subject, &limit, "client").await?;
+            tightest = Some(h.tighter(tightest));
+        }
+        if let Some(rate) = &route.rate_limit {
+            let k = format!("{subject}:route:{upstream}{}", route.path);
+            let h = self.check(&k, rate, "route").await?;
+            tightest = Some(h.tighter(tightest));
+        }
+        let mut admission = Admission::default();
+        let Some(key) = key else {
+            admission.tightest = tightest;
+            return Ok(admission);
+        };
+        let now = crate::keys::now_millis();
+        for (window, quota) in [
+            (Window::Day, key.daily_quota),
+            (Window::Month, key.monthly_quota),
+        ] {
+            let Some(quota) = quota else { continue };
+            let reset = Duration::from_millis(
+                u64::try_from(window.window_end(now).saturating_sub(now)).unwrap_or(0),
+            );
+            let qsubject = format!("req:{subject}");
+            let used = if self.count_cache_hits {
+                match self.quotas.consume(&qsubject, window, 1, quota, now).await {
+                    Ok(d) if !d.allowed => None,
+                    Ok(d) => Some(d.used),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "quota check failed; allowed");
+                        Some(0)
+                    }
+                }
+            } else {
+                match self.quotas.usage(&qsubject, window, now).await {
+                    Ok(used) if used >= quota => None,
+                    Ok(used) => {
+                        admission.count_after.push((window, quota));
+                        Some(used)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "quota check failed; allowed");
+                        Some(0)
+                    }
+                }
+            };
+            let Some(used) = used else {
+                let mut e = ApiError::quota_exceeded(
+                    format!(
+                        "the {} request quota of {quota} is used up",
+                        window.as_str()
+                    ),
+                    Some(reset),
+                );
+                e.rate_headers = Some(Headers {
+                    limit: quota,
+                    remaining: 0,
+                    reset_secs: ceil_secs(reset),
+                });
+                return Err(e);
+            };
+            let h = Headers {
+                limit: quota,
+                remaining: quota.saturating_sub(used),
+                reset_secs: ceil_secs(reset),
+            };
+            tightest = Some(h.tighter(tightest));
+        }
+        for (window, budget) in [
+            (Window::Day, key.daily_budget_micros),
+            (Window::Month, key.monthly_budget_micros),
+        ] {
+            let Some(budget) = budget else { continue };
+            match self
+                .quotas
+                .usage(&format!("spend:{subject}"), window, now)
+                .await
+            {
+                Ok(spent) if spent >= budget => {
+                    let reset = Duration::from_millis(
+                        u64::try_from(window.window_end(now).saturating_sub(now)).unwrap_or(0),
+                    );
+                    // Both budgets used up: the later reset is when misses are allowed again.
+                    admission.cached_only = admission.cached_only.max(Some(reset));
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "budget check failed; allowed"),
+            }
+        }
+        admission.tightest = tightest;
+        Ok(admission)
+    }
+
+    /// Counts what a served request used: request quotas not yet counted (when hits don't
+    /// count) and the upstream cost against the spend budgets.
+    pub async fn record(
+        &self,
+        identity: &Identity,
+        admission: &Admission,
+        called_upstream: bool,
+        cost: f64,
+    ) {
+        let Some(key) = identity.key() else { return };
+        let subject = identity.subject();
+        let now = crate::keys::now_millis();
+        if called_upstream {
+            for (window, quota) in &admission.count_after {
+                if let Err(e) = self
+                    .quotas
+                    .consume(
+                        &format!("req:{subject}"),
+                        *window,
+                        1,
+                        ratelimit::MAX_AMOUNT.max(*quota),
+                        now,
+                    )
+                    .await
+                {
+                    tracing::warn!(error = %e, "counting a request against its quota failed");
+                }
+            }
+        }
+        let has_budget = key.daily_budget_micros.is_some() || key.monthly_budget_micros.is_some();
+        if called_upstream && has_budget && cost > 0.0 {
+            let micros = keystore::money::to_micros(cost).unwrap_or(0);
+            for window in [Window::Day, Window::Month] {
+                if let Err(e) = self
+                    .quotas
+                    .consume(
+                        &format!("spend:{subject}"),
+                        window,
+                        micros,
+                        ratelimit::MAX_AMOUNT,
+                        now,
+                    )
+                    .await
+                {
+                    tracing::warn!(error = %e, "counting spend against the budget failed");
+                }
+            }
+        }
+    }
+}

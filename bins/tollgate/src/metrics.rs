@@ -1,0 +1,250 @@
+//! Prometheus metrics. Per-route handles are resolved once at start so the hot path only
+//! increments atomics.
+
+use prometheus::{
+    Counter, CounterVec, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric the gateway exports.
+pub struct Metrics {
+    pub registry: Registry,
+    requests: IntCounterVec,
+    upstream_calls: IntCounterVec,
+    upstream_errors: IntCounterVec,
+    cost_incurred: CounterVec,
+    cost_saved: CounterVec,
+    coalesced: IntCounterVec,
+    latency: HistogramVec,
+    pub client_errors: IntCounterVec,
+    pub cache_entries: IntGauge,
+    pub cache_bytes: IntGauge,
+    pub cache_collisions: IntGauge,
+    pub cache_store_errors: IntGauge,
+    pub cache_l2_errors: IntGauge,
+    pub cache_l2_hits: IntGauge,
+    pub prewarm_runs: IntCounter,
+    pub breaker_state: IntGaugeVec,
+    pub upstream_retries: IntGaugeVec,
+    pub breaker_rejections: IntGaugeVec,
+    pub retries_denied: IntGaugeVec,
+    pub in_flight_fetches: Gauge,
+}
+
+/// Outcomes a proxied request can end in (the `outcome` label).
+pub const OUTCOMES: [&str; 5] = ["hit", "miss", "stale", "bypass", "error"];
+
+/// Handles for one route, resolved at start.
+pub struct RouteMetrics {
+    requests: [IntCounter; 5],
+    latency: [Histogram; 5],
+    pub upstream_calls: IntCounter,
+    pub cost_incurred: Counter,
+    pub cost_saved: Counter,
+    pub coalesced: IntCounter,
+    upstream_errors: IntCounterVec,
+    upstream: String,
+}
+
+/// The outcome label index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Hit = 0,
+    Miss = 1,
+    Stale = 2,
+    Bypass = 3,
+    Error = 4,
+}
+
+impl RouteMetrics {
+    pub fn observe(&self, outcome: Outcome, seconds: f64) {
+        self.requests[outcome as usize].inc();
+        self.latency[outcome as usize].observe(seconds);
+    }
+
+    pub fn upstream_error(&self, kind: &str) {
+        self.upstream_errors
+            .with_label_values(&[self.upstream.as_str(), kind])
+            .inc();
+    }
+}
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "tollgate_requests_total",
+                "Proxied requests by upstream, route and outcome",
+            ),
+            &["upstream", "route", "outcome"],
+        )?;
+        let upstream_calls = IntCounterVec::new(
+            Opts::new("tollgate_upstream_calls_total", "Calls made to upstreams"),
+            &["upstream", "route"],
+        )?;
+        let upstream_errors = IntCounterVec::new(
+            Opts::new(
+                "tollgate_upstream_errors_total",
+                "Failed upstream calls by kind",
+            ),
+            &["upstream", "kind"],
+        )?;
+        let cost_incurred = CounterVec::new(
+            Opts::new(
+                "tollgate_cost_incurred_total",
+                "Upstream cost incurred (currency units)",
+            ),
+            &["upstream", "route"],
+        )?;
+        let cost_saved = CounterVec::new(
+            Opts::new(
+                "tollgate_cost_saved_total",
+                "Upstream cost avoided by cache hits, stale answers and coalescing (currency units)",
+            ),
+            &["upstream", "route"],
+        )?;
+        let coalesced = IntCounterVec::new(
+            Opts::new(
+                "tollgate_coalesced_waiters_total",
+                "Requests that waited on another request's upstream call",
+            ),
+            &["upstream", "route"],
+        )?;
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_request_duration_seconds",
+                "Gateway latency of proxied requests",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["upstream", "outcome"],
+        )?;
+        let client_errors = IntCounterVec::new(
+            Opts::new(
+                "tollgate_client_errors_total",
+                "Requests refused before reaching a route, by code",
+            ),
+            &["code"],
+        )?;
+        let cache_entries =
+            IntGauge::new("tollgate_cache_entries", "Entries in the in-process cache")?;
+        let cache_bytes =
+            IntGauge::new("tollgate_cache_bytes", "Bytes held by the in-process cache")?;
+        let cache_collisions = IntGauge::new(
+            "tollgate_cache_key_collisions_total",
+            "Lookups whose stored signature differed from the request's (answered as misses)",
+        )?;
+        let cache_store_errors = IntGauge::new(
+            "tollgate_cache_store_errors_total",
+            "Cache store reads or writes that failed",
+        )?;
+        let cache_l2_errors = IntGauge::new(
+            "tollgate_cache_l2_errors_total",
+            "L2 (database) cache operations skipped because the database failed",
+        )?;
+        let cache_l2_hits = IntGauge::new(
+            "tollgate_cache_l2_hits_total",
+            "Lookups answered by the L2 cache",
+        )?;
+        let prewarm_runs =
+            IntCounter::new("tollgate_prewarm_fetches_total", "Pre-warming fetches")?;
+        let breaker_state = IntGaugeVec::new(
+            Opts::new(
+                "tollgate_breaker_state",
+                "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open",
+            ),
+            &["upstream"],
+        )?;
+        let upstream_retries = IntGaugeVec::new(
+            Opts::new("tollgate_upstream_retries_total", "Retried upstream calls"),
+            &["upstream"],
+        )?;
+        let breaker_rejections = IntGaugeVec::new(
+            Opts::new(
+                "tollgate_breaker_rejections_total",
+                "Calls refused at once because the upstream's breaker was open",
+            ),
+            &["upstream"],
+        )?;
+        let retries_denied = IntGaugeVec::new(
+            Opts::new(
+                "tollgate_retries_denied_total",
+                "Retries the retry budget refused",
+            ),
+            &["upstream"],
+        )?;
+        let in_flight_fetches = Gauge::new(
+            "tollgate_upstream_fetches_in_flight",
+            "Coalesced upstream fetches running",
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(upstream_calls.clone()))?;
+        registry.register(Box::new(upstream_errors.clone()))?;
+        registry.register(Box::new(cost_incurred.clone()))?;
+        registry.register(Box::new(cost_saved.clone()))?;
+        registry.register(Box::new(coalesced.clone()))?;
+        registry.register(Box::new(latency.clone()))?;
+        registry.register(Box::new(client_errors.clone()))?;
+        registry.register(Box::new(cache_entries.clone()))?;
+        registry.register(Box::new(cache_bytes.clone()))?;
+        registry.register(Box::new(cache_collisions.clone()))?;
+        registry.register(Box::new(cache_store_errors.clone()))?;
+        registry.register(Box::new(cache_l2_errors.clone()))?;
+        registry.register(Box::new(cache_l2_hits.clone()))?;
+        registry.register(Box::new(prewarm_runs.clone()))?;
+        registry.register(Box::new(breaker_state.clone()))?;
+        registry.register(Box::new(upstream_retries.clone()))?;
+        registry.register(Box::new(breaker_rejections.clone()))?;
+        registry.register(Box::new(retries_denied.clone()))?;
+        registry.register(Box::new(in_flight_fetches.clone()))?;
+        Ok(Metrics {
+            registry,
+            requests,
+            upstream_calls,
+            upstream_errors,
+            cost_incurred,
+            cost_saved,
+            coalesced,
+            latency,
+            client_errors,
+            cache_entries,
+            cache_bytes,
+            cache_collisions,
+            cache_store_errors,
+            cache_l2_errors,
+            cache_l2_hits,
+            prewarm_runs,
+            breaker_state,
+            upstream_retries,
+            breaker_rejections,
+            retries_denied,
+            in_flight_fetches,
+        })
+    }
+
+    /// Resolves the handles of one route.
+    pub fn route(&self, upstream: &str, route: &str) -> RouteMetrics {
+        RouteMetrics {
+            requests: OUTCOMES.map(|o| self.requests.with_label_values(&[upstream, route, o])),
+            latency: OUTCOMES.map(|o| self.latency.with_label_values(&[upstream, o])),
+            upstream_calls: self.upstream_calls.with_label_values(&[upstream, route]),
+            cost_incurred: self.cost_incurred.with_label_values(&[upstream, route]),
+            cost_saved: self.cost_saved.with_label_values(&[upstream, route]),
+            coalesced: self.coalesced.with_label_values(&[upstream, route]),
+            upstream_errors: self.upstream_errors.clone(),
+            upstream: upstream.to_string(),
+        }
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "metrics encoding failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

@@ -1,0 +1,305 @@
+//! `tollgate serve`: wiring the stores, the cache and the HTTP server; background tasks
+//! (pre-warming, the L2 sweeper); graceful shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{App, HttpServer, web};
+use anyhow::{Context, bail};
+use cache_core::{Cache, CacheStore, MemoryStore, TieredStore};
+
+use crate::config::Config;
+use crate::db::Database;
+use crate::gateway::{Gateway, prewarm_interval};
+use crate::http::{self, AppState, PurgeRequest};
+use crate::limits::Limits;
+use crate::metrics::Metrics;
+
+fn init_tracing(cfg: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = if cfg.server.log_format == crate::config::LogFormat::Json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+    if let Err(e) = result {
+        eprintln!("tollgate: logging not initialised: {e}");
+    }
+}
+
+/// Runs the gateway until SIGTERM / SIGINT, then finishes in-flight requests and flushes the
+/// cache's pending L2 writes.
+pub fn serve(cfg: Config) -> anyhow::Result<()> {
+    init_tracing(&cfg);
+    upstream_client::install_crypto_provider();
+    let db = Database::parse(&cfg.storage.database_url)?;
+    match &db {
+        Database::Sqlite { path, .. } => {
+            let applied = db.migrate()?;
+            tracing::info!(database = %path, applied = applied.len(), "SQLite migrations applied");
+        }
+        Database::Postgres { .. } => {
+            let pending = db.pending()?;
+            if !pending.is_empty() {
+                bail!(
+                    "the PostgreSQL database has {} pending migration(s) ({}): run `tollgate migrate` first",
+                    pending.len(),
+                    pending.join(", ")
+                );
+            }
+        }
+    }
+    actix_web::rt::System::new().block_on(run(Arc::new(cfg), db))
+}
+
+async fn run(cfg: Arc<Config>, db: Database) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new()?);
+    let l2 = db.cache_store(cfg.storage.pool_size)?;
+    let l1 = MemoryStore::new(cfg.cache.l1_max_bytes.0);
+    let tiered = Arc::new(TieredStore::new(
+        l1,
+        Arc::clone(&l2),
+        cfg.cache.l2_write_queue,
+    ));
+    let cache =
+        Cache::<crate::gateway::FetchError>::builder(Arc::clone(&tiered) as Arc<dyn CacheStore>)
+            .max_waiters(cfg.cache.max_waiters)
+            .build();
+    let keys = keystore::KeyCache::new(crate::keys::open_store(
+        &cfg.storage.database_url,
+        cfg.storage.pool_size,
+    )?);
+    let (limits, redis, limit_tasks) = build_limits(&cfg)?;
+    let gateway = Arc::new(Gateway::new(
+        Arc::clone(&cfg),
+        cache,
+        Arc::clone(&limits),
+        metrics,
+        Some(Arc::clone(tiered.stats())),
+        keys.clone(),
+    )?);
+    let state = web::Data::new(AppState::new(
+        Arc::clone(&gateway),
+        Some(l2),
+        db.backend(),
+        redis,
+    ));
+    let workers = match cfg.server.workers {
+        0 => std::thread::available_parallelism().map_or(2, usize::from),
+        n => n,
+    };
+    let max_body = cfg.server.max_body_bytes.as_usize();
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .app_data(web::PayloadConfig::new(max_body))
+            .configure(http::routes)
+    })
+    .workers(workers)
+    .shutdown_timeout(cfg.server.shutdown_timeout.as_secs().max(1))
+    .bind(cfg.server.listen)
+    .with_context(|| format!("binding {}", cfg.server.listen))?;
+    for addr in server.addrs() {
+        // Tests and scripts read this line to find a port picked with `--listen ...:0`.
+        println!("tollgate listening on http://{addr}");
+    }
+    tracing::info!(listen = ?server.addrs(), workers, database = db.backend(), "tollgate started");
+    let server = server.run();
+
+    // Revocations made on other nodes reach this one within two seconds.
+    let mut tasks = vec![keys.spawn_revocation_sync(Duration::from_secs(2))];
+    tasks.extend(limit_tasks);
+    tasks.push(tokio::spawn(sweeper(
+        Arc::clone(&tiered),
+        cfg.cache.sweep_interval,
+        cfg.cache.sweep_batch,
+    )));
+    for up in gateway.upstreams.values() {
+        for route in up.routes.iter().filter(|r| !r.prewarm.is_empty()) {
+            let (g, up, route) = (Arc::clone(&gateway), Arc::clone(up), Arc::clone(route));
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let started = tokio::time::Instant::now();
+                    let ok = g.prewarm_route(&up, &route).await;
+                    tracing::info!(upstream = %up.name, route = %route.path, ok, total = route.prewarm.len(), "prewarmed");
+                    tokio::time::sleep_until(started + prewarm_interval(&route)).await;
+                }
+            }));
+        }
+    }
+
+    let result = server.await;
+    tracing::info!("shutting down: flushing pending cache writes");
+    for t in &tasks {
+        t.abort();
+    }
+    match tokio::time::timeout(Duration::from_secs(10), limits.quotas.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "flushing quota counters failed"),
+        Err(_) => tracing::warn!("flushing quota counters took over 10s; abandoned"),
+    }
+    match tokio::time::timeout(Duration::from_secs(10), tiered.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "flushing the L2 cache failed"),
+        Err(_) => tracing::warn!("flushing the L2 cache took over 10s; abandoned"),
+    }
+    result.context("HTTP server failed")
+}
+
+type LimitParts = (
+    Arc<Limits>,
+    Option<ratelimit::RedisBackend>,
+    Vec<tokio::task::JoinHandle<()>>,
+);
+
+/// Rate limits and quotas: in-process GCRA and SQL-persisted quota counters on a single node;
+/// with `storage.redis_url`, Redis GCRA (with the configured failure policy) and quota counters
+/// hot in Redis, synced to SQL.
+fn build_limits(cfg: &Config) -> anyhow::Result<LimitParts> {
+    use ratelimit::{
+        FailurePolicy, FallbackLimiter, LocalLimiter, QuotaDb, RateLimiter, RedisBackend,
+        RedisLimiter, RedisOptions, RedisQuotaOptions, RedisQuotaStore, SqlQuotaStore,
+    };
+    let quota_db = QuotaDb::connect(&cfg.storage.database_url, cfg.storage.pool_size)
+        .map_err(|e| anyhow::anyhow!("opening the quota store: {e}"))?;
+    let local = LocalLimiter::new();
+    // governor keeps a state per key: forget idle ones so memory stays bounded.
+    let tasks = vec![tokio::spawn(local.cleanup_task(Duration::from_secs(60)))];
+    if cfg.storage.redis_url.is_empty() {
+        let limiter: Arc<dyn RateLimiter> = Arc::new(local);
+        let quotas = Arc::new(SqlQuotaStore::new(quota_db));
+        return Ok((Arc::new(Limits::new(limiter, quotas, cfg)), None, tasks));
+    }
+    let mut options = RedisOptions::new(cfg.storage.redis_url.clone());
+    options.response_timeout = cfg.limits.redis_timeout;
+    let backend =
+        RedisBackend::connect(options).map_err(|e| anyhow::anyhow!("storage.redis_url: {e}"))?;
+    let policy = match cfg.limits.redis_failure {
+        crate::config::RedisFailure::Open => FailurePolicy::FailOpen,
+        crate::config::RedisFailure::Closed => FailurePolicy::FailClosed,
+    };
+    let limiter: Arc<dyn RateLimiter> = Arc::new(FallbackLimiter::new(
+        RedisLimiter::new(backend.clone()),
+        local,
+        cfg.limits.nodes,
+        policy,
+    ));
+    let quotas = Arc::new(RedisQuotaStore::new(
+        backend.clone(),
+        quota_db,
+        RedisQuotaOptions::default(),
+    ));
+    Ok((
+        Arc::new(Limits::new(limiter, quotas, cfg)),
+        Some(backend),
+        tasks,
+    ))
+}
+
+/// Removes expired L2 rows in bounded batches, every `interval`.
+async fn sweeper(store: Arc<TieredStore>, interval: Duration, batch: usize) {
+    let mut tick = tokio::time::interval(interval.max(Duration::from_secs(1)));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let mut total = 0;
+        for _ in 0..100 {
+            let now = cache_core::SystemClock.now_millis();
+            match store.sweep_expired(now, batch).await {
+                Ok(n) => {
+                    total += n;
+                    if (n as usize) < batch {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cache sweep failed");
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::debug!(removed = total, "expired cache entries swept");
+        }
+    }
+}
+
+use cache_core::Clock as _;
+
+/// `tollgate cache purge`: through the running gateway's admin API (at `url`, else at
+/// `server.listen`) so its in-process tier is purged too; when no gateway answers there (and no
+/// `url` was given), directly in the database.
+pub fn purge_cli(cfg: &Config, req: PurgeRequest, url: Option<&str>) -> anyhow::Result<()> {
+    let filter = req.filter().map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let base = match url {
+        Some(u) => u.trim_end_matches('/').to_string(),
+        None => {
+            let mut addr = cfg.server.listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("http://{addr}")
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    upstream_client::install_crypto_provider();
+    let endpoint = format!("{base}/admin/cache/purge");
+    let token = cfg.server.admin_token.clone();
+    let body = serde_json::to_vec(&req)?;
+    let answer = rt.block_on(async {
+        let sent = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(30))
+            .build()?
+            .post(&endpoint)
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) if e.is_connect() => return Ok(None),
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("calling {endpoint}"))),
+        };
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            bail!("{endpoint} answered {status}: {text}");
+        }
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        Ok(Some(v))
+    })?;
+    if let Some(v) = answer {
+        println!(
+            "purged {} (through the running gateway at {base})",
+            v["purged"]
+        );
+        return Ok(());
+    }
+    if url.is_some() {
+        bail!("no gateway answered at {base}");
+    }
+    eprintln!(
+        "note: no gateway answered at {base}; purging the database only (a gateway listening \
+         elsewhere keeps its in-memory copies until they expire: pass --url to reach it)"
+    );
+    let db = Database::parse(&cfg.storage.database_url)?;
+    if matches!(db, Database::Sqlite { .. }) {
+        db.migrate()?;
+    }
+    let n = rt.block_on(async move {
+        let store = db.cache_store(1)?;
+        store.purge(&filter).await.context("purging the database")
+    })?;
+    println!("purged {n} (from the database)");
+    Ok(())
+}

@@ -1,0 +1,251 @@
+//! Two tiers: an in-process L1 in front of a shared or durable L2.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::clock::UnixMillis;
+use crate::entry::Entry;
+use crate::error::{CacheError, Result};
+use crate::key::CacheKey;
+use crate::memory::MemoryStore;
+use crate::store::{CacheStore, PurgeFilter, StoreUsage};
+
+enum Write {
+    Put(CacheKey, Arc<Entry>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Counters of a [`TieredStore`]'s second tier.
+#[derive(Debug, Default)]
+pub struct TierStats {
+    /// Lookups answered by L1.
+    pub l1_hits: AtomicU64,
+    /// Lookups answered by L2 (and promoted into L1).
+    pub l2_hits: AtomicU64,
+    /// L2 reads or writes that failed and were skipped (the request went on without L2).
+    pub l2_errors: AtomicU64,
+    /// L2 reads or writes not attempted because L2 failed moments ago (see [`TieredStore`]).
+    pub l2_skipped: AtomicU64,
+}
+
+/// After an L2 failure, L2 is left alone for a cool-down, so that a dead database costs each
+/// request nothing instead of a connection timeout.
+#[derive(Debug)]
+struct L2Health {
+    origin: Instant,
+    /// Milliseconds after `origin` until which L2 is skipped; 0: healthy.
+    down_until: AtomicU64,
+    /// Cool-down in milliseconds.
+    cooldown_ms: AtomicU64,
+}
+
+impl L2Health {
+    fn now(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+    fn is_down(&self) -> bool {
+        let until = self.down_until.load(Ordering::Relaxed);
+        until != 0 && self.now() < until
+    }
+    fn failed(&self) {
+        let until = self
+            .now()
+            .saturating_add(self.cooldown_ms.load(Ordering::Relaxed))
+            .max(1);
+        self.down_until.store(until, Ordering::Relaxed);
+    }
+    fn succeeded(&self) {
+        self.down_until.store(0, Ordering::Relaxed);
+    }
+}
+
+/// An in-process [`MemoryStore`] (L1) in front of another store (L2, e.g. SQLite or PostgreSQL).
+///
+/// * `get`: L1, then L2; an L2 hit is promoted into L1.
+/// * `put`: into L1 at once, into L2 through a bounded write-behind queue (a full queue makes
+///   the writer wait rather than lose the write); [`flush`](CacheStore::flush) waits for it.
+/// * L2 failures never fail a lookup or a store: they are counted in [`TierStats`] and logged,
+///   and the request is served from L1 or the upstream. After a failure L2 is skipped for a
+///   cool-down (1 s by default, [`with_l2_cooldown`](Self::with_l2_cooldown)), so a database
+///   that is down or hanging delays no request beyond the one that found out.
+pub struct TieredStore {
+    l1: MemoryStore,
+    l2: Arc<dyn CacheStore>,
+    writes: mpsc::Sender<Write>,
+    stats: Arc<TierStats>,
+    health: Arc<L2Health>,
+}
+
+impl std::fmt::Debug for TieredStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TieredStore")
+            .field("l1", &self.l1)
+            .field("l2", &self.l2.name())
+            .finish()
+    }
+}
+
+impl TieredStore {
+    /// Combines `l1` and `l2`; `queue` bounds the writes waiting for L2. Must be called inside a
+    /// tokio runtime (it spawns the L2 writer).
+    pub fn new(l1: MemoryStore, l2: Arc<dyn CacheStore>, queue: usize) -> Self {
+        let (tx, mut rx) = mpsc::channel::<Write>(queue.max(1));
+        let stats = Arc::new(TierStats::default());
+        let health = Arc::new(L2Health {
+            origin: Instant::now(),
+            down_until: AtomicU64::new(0),
+            cooldown_ms: AtomicU64::new(1000),
+        });
+        let writer_l2 = Arc::clone(&l2);
+        let writer_stats = Arc::clone(&stats);
+        let writer_health = Arc::clone(&health);
+        tokio::spawn(async move {
+            while let Some(w) = rx.recv().await {
+                match w {
+                    Write::Put(_, _) if writer_health.is_down() => {
+                        writer_stats.l2_skipped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Write::Put(key, entry) => match writer_l2.put(key, entry).await {
+                        Ok(()) => writer_health.succeeded(),
+                        Err(e) => {
+                            writer_health.failed();
+                            writer_stats.l2_errors.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(error = %e, %key, "L2 cache write skipped");
+                        }
+                    },
+                    Write::Flush(done) => {
+                        let _ = done.send(());
+                    }
+                }
+            }
+        });
+        TieredStore {
+            l1,
+            l2,
+            writes: tx,
+            stats,
+            health,
+        }
+    }
+
+    /// How long L2 is skipped after it fails (default 1 s; zero: never skipped).
+    pub fn with_l2_cooldown(self, cooldown: Duration) -> Self {
+        let ms = u64::try_from(cooldown.as_millis()).unwrap_or(u64::MAX);
+        self.health.cooldown_ms.store(ms, Ordering::Relaxed);
+        self
+    }
+
+    /// Whether L2 is being skipped after a recent failure.
+    pub fn l2_degraded(&self) -> bool {
+        self.health.is_down()
+    }
+
+    /// The first tier.
+    pub fn l1(&self) -> &MemoryStore {
+        &self.l1
+    }
+
+    /// The second tier.
+    pub fn l2(&self) -> &Arc<dyn CacheStore> {
+        &self.l2
+    }
+
+    /// Tier counters.
+    pub fn stats(&self) -> &Arc<TierStats> {
+        &self.stats
+    }
+
+    fn l2_failed(&self, op: &str, e: &CacheError) {
+        self.health.failed();
+        self.stats.l2_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(error = %e, op, "L2 cache unavailable, skipped");
+    }
+}
+
+#[async_trait]
+impl CacheStore for TieredStore {
+    fn name(&self) -> &'static str {
+        "tiered"
+    }
+
+    fn peek(&self, key: &CacheKey) -> Option<Arc<Entry>> {
+        self.l1.get_sync(key)
+    }
+
+    /// The L2's health: the tier the process cannot serve durably without.
+    async fn ping(&self) -> Result<()> {
+        self.l2.ping().await
+    }
+
+    async fn get(&self, key: &CacheKey) -> Result<Option<Arc<Entry>>> {
+        if let Some(e) = self.l1.get_sync(key) {
+            self.stats.l1_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Some(e));
+        }
+        if self.health.is_down() {
+            self.stats.l2_skipped.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        }
+        match self.l2.get(key).await {
+            Ok(Some(e)) => {
+                self.health.succeeded();
+                self.stats.l2_hits.fetch_add(1, Ordering::Relaxed);
+                self.l1.insert_sync(*key, Arc::clone(&e));
+                Ok(Some(e))
+            }
+            Ok(None) => {
+                self.health.succeeded();
+                Ok(None)
+            }
+            Err(e) => {
+                self.l2_failed("get", &e);
+                Ok(None)
+            }
+        }
+    }
+
+    async fn put(&self, key: CacheKey, entry: Arc<Entry>) -> Result<()> {
+        self.l1.insert_sync(key, Arc::clone(&entry));
+        if self.writes.send(Write::Put(key, entry)).await.is_err() {
+            return Err(CacheError::backend(self.l2.name(), "L2 writer stopped"));
+        }
+        Ok(())
+    }
+
+    async fn remove(&self, key: &CacheKey) -> Result<bool> {
+        // Pending writes first, so a queued put cannot resurrect the entry.
+        self.flush().await?;
+        let in_l1 = self.l1.remove(key).await?;
+        let in_l2 = self.l2.remove(key).await?;
+        Ok(in_l1 || in_l2)
+    }
+
+    async fn purge(&self, filter: &PurgeFilter) -> Result<u64> {
+        self.flush().await?;
+        let l1 = self.l1.purge_sync(filter);
+        let l2 = self.l2.purge(filter).await?;
+        // An entry is usually in both tiers; count entries, not copies.
+        Ok(l1.max(l2))
+    }
+
+    async fn sweep_expired(&self, now: UnixMillis, max_entries: usize) -> Result<u64> {
+        self.l1.sweep_expired(now, max_entries).await?;
+        self.l2.sweep_expired(now, max_entries).await
+    }
+
+    async fn usage(&self) -> Result<StoreUsage> {
+        self.l1.usage().await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        if self.writes.send(Write::Flush(tx)).await.is_err() || rx.await.is_err() {
+            return Err(CacheError::backend(self.l2.name(), "L2 writer stopped"));
+        }
+        self.l2.flush().await
+    }
+}

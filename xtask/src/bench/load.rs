@@ -1,0 +1,1251 @@
+//! Load generators: `wrk` when it is installed (closed loop, percentiles from a Lua `done()`
+//! hook), and a built-in generator on plain threads and blocking sockets that can run
+//! closed-loop, at a constant rate (latency measured from each request's *intended* send
+//! time, so a stalled server cannot hide its stalls: no coordinated omission) and as a
+//! one-shot stampede of N simultaneous requests.
+//!
+//! The built-in generator uses one OS thread per connection rather than an async runtime:
+//! `std::thread::sleep` wakes within tens of microseconds, where a tokio timer rounds to the
+//! next millisecond, which would dwarf loopback latencies of ~100 µs in the constant-rate mode.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+
+use super::scenarios::zipf_pick;
+use super::targets;
+
+// === results ===
+
+/// Latency percentiles, microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50_us: f64,
+    /// 90th percentile.
+    pub p90_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// 99.9th percentile.
+    pub p999_us: f64,
+    /// Largest.
+    pub max_us: f64,
+    /// Arithmetic mean.
+    pub mean_us: f64,
+}
+
+/// Percentiles of `nanos` (sorted in place), nearest-rank; `None` when empty.
+pub fn percentiles(nanos: &mut [u64]) -> Option<Percentiles> {
+    if nanos.is_empty() {
+        return None;
+    }
+    nanos.sort_unstable();
+    let us = |n: u64| n as f64 / 1000.0;
+    let sum: u128 = nanos.iter().map(|&n| u128::from(n)).sum();
+    Some(Percentiles {
+        p50_us: us(nearest_rank(nanos, 50.0)),
+        p90_us: us(nearest_rank(nanos, 90.0)),
+        p99_us: us(nearest_rank(nanos, 99.0)),
+        p999_us: us(nearest_rank(nanos, 99.9)),
+        max_us: us(nanos[nanos.len() - 1]),
+        mean_us: sum as f64 / nanos.len() as f64 / 1000.0,
+    })
+}
+
+/// The nearest-rank `pct`th percentile of a sorted, non-empty slice: the smallest value with
+/// at least `pct`% of the values at or below it.
+pub fn nearest_rank(sorted: &[u64], pct: f64) -> u64 {
+    let n = sorted.len();
+    // The epsilon keeps float error (0.999 * 1000 = 999.0000000000001) from bumping the rank.
+    let rank = ((pct / 100.0) * n as f64 - 1e-9).ceil() as usize;
+    sorted[rank.clamp(1, n) - 1]
+}
+
+/// Failed requests by kind (wrk's categories).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Errors {
+    /// Could not connect.
+    pub connect: u64,
+    /// The connection failed or closed while reading the response.
+    pub read: u64,
+    /// Sending the request failed.
+    pub write: u64,
+    /// Responses with a status outside 200..=399 (counted as requests too, like wrk).
+    pub status: u64,
+    /// No response within the timeout.
+    pub timeout: u64,
+}
+
+impl Errors {
+    /// Every error.
+    pub fn total(&self) -> u64 {
+        self.connect + self.read + self.write + self.status + self.timeout
+    }
+
+    fn add(&mut self, o: &Errors) {
+        self.connect += o.connect;
+        self.read += o.read;
+        self.write += o.write;
+        self.status += o.status;
+        self.timeout += o.timeout;
+    }
+}
+
+/// How load was offered.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Mode {
+    /// Each connection sends its next request when the previous answer arrives: measures
+    /// throughput. Latency figures from this mode suffer from coordinated omission.
+    ClosedLoop {
+        /// Open connections.
+        connections: usize,
+        /// Client threads.
+        threads: usize,
+    },
+    /// Requests sent on a fixed timeline whatever the answers do; latency from the intended
+    /// send time.
+    ConstantRate {
+        /// Requests per second offered.
+        rate: f64,
+        /// Open connections.
+        connections: usize,
+    },
+}
+
+impl Mode {
+    /// A short human description.
+    pub fn describe(&self, generator: &str) -> String {
+        match *self {
+            Mode::ClosedLoop {
+                connections,
+                threads,
+            } => format!("closed-loop, {generator} -t{threads} -c{connections}"),
+            Mode::ConstantRate { rate, connections } => format!(
+                "constant rate {rate:.0} req/s over {connections} connections ({generator}; latency from the intended send time)"
+            ),
+        }
+    }
+}
+
+/// One load run against one target.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadResult {
+    /// `wrk` or `built-in`.
+    pub generator: &'static str,
+    /// How the load was offered.
+    pub mode: Mode,
+    /// Responses received (any status).
+    pub requests: u64,
+    /// Wall time of the run.
+    pub duration_s: f64,
+    /// `requests / duration_s`.
+    pub rps: f64,
+    /// Failures.
+    pub errors: Errors,
+    /// Latency of the responses received.
+    pub latency: Option<Percentiles>,
+    /// Constant-rate mode: how late the generator itself sent requests (its own noise floor).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send_lag: Option<Percentiles>,
+}
+
+// === request paths ===
+
+/// Which paths a run requests.
+#[derive(Debug, Clone)]
+pub enum Paths {
+    /// Always this path (with query).
+    Fixed(String),
+    /// `prefix` followed by a key index drawn from a Zipf distribution.
+    Zipf {
+        /// E.g. `/bench/zipf/item?k=`.
+        prefix: String,
+        /// Cumulative probabilities of keys `0..n` (see [`super::scenarios::zipf_cdf`]).
+        cdf: Arc<Vec<f64>>,
+        /// The same table, one number a line, for wrk's Lua script.
+        cdf_file: PathBuf,
+        /// Seed of the draws.
+        seed: u64,
+    },
+    /// `prefix` followed by `<worker>-<n>`: never the same path twice in one run.
+    Unique {
+        /// E.g. `/bench/miss/item?k=r1-`.
+        prefix: String,
+    },
+}
+
+/// Draws the paths of one worker.
+struct PathGen<'a> {
+    paths: &'a Paths,
+    worker: usize,
+    n: u64,
+    rng: SplitMix64,
+}
+
+impl<'a> PathGen<'a> {
+    fn new(paths: &'a Paths, worker: usize) -> Self {
+        let seed = match paths {
+            Paths::Zipf { seed, .. } => *seed,
+            _ => 0,
+        };
+        PathGen {
+            paths,
+            worker,
+            n: 0,
+            rng: SplitMix64(seed ^ (worker as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+        }
+    }
+
+    fn next(&mut self) -> String {
+        self.n += 1;
+        match self.paths {
+            Paths::Fixed(p) => p.clone(),
+            Paths::Zipf { prefix, cdf, .. } => {
+                format!("{prefix}{}", zipf_pick(cdf, self.rng.next_f64()))
+            }
+            Paths::Unique { prefix } => format!("{prefix}{}-{}", self.worker, self.n),
+        }
+    }
+}
+
+/// A small, fast, seedable generator (SplitMix64); good enough to draw keys.
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn request_bytes(addr: SocketAddr, path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: tollgate-bench\r\n\r\n")
+        .into_bytes()
+}
+
+fn check_loopback(addr: SocketAddr) -> anyhow::Result<()> {
+    if !addr.ip().is_loopback() {
+        bail!("refusing to send load to {addr}: the bench only targets 127.0.0.1");
+    }
+    Ok(())
+}
+
+// === a minimal HTTP/1.1 client ===
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    Write,
+    Read,
+    Timeout,
+}
+
+/// What [`parse_response`] found at the start of a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parsed {
+    /// Status code.
+    pub status: u16,
+    /// Bytes of the whole response (head + body).
+    pub len: usize,
+    /// The server will close the connection after it.
+    pub close: bool,
+}
+
+/// Parses one complete HTTP/1.1 response at the start of `buf`: `Ok(None)` when more bytes
+/// are needed, `Err` when it is not HTTP. Bodies delimited by `Content-Length` or chunked;
+/// a response with neither has no body (the bench's servers always send one of them).
+pub fn parse_response(buf: &[u8]) -> Result<Option<Parsed>, String> {
+    let Some(head_end) = find(buf, b"\r\n\r\n") else {
+        if buf.len() > 64 * 1024 {
+            return Err("response head over 64 KiB".into());
+        }
+        return Ok(None);
+    };
+    let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| "head is not UTF-8")?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or("");
+    let mut parts = status_line.split(' ');
+    let version = parts.next().unwrap_or("");
+    if !version.starts_with("HTTP/1.") {
+        return Err(format!("not an HTTP/1.x status line: {status_line:?}"));
+    }
+    let status: u16 = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+    let mut content_length = None;
+    let mut chunked = false;
+    let mut close = version == "HTTP/1.0";
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            content_length = Some(
+                value
+                    .parse::<usize>()
+                    .map_err(|_| format!("bad content-length {value:?}"))?,
+            );
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = value.to_ascii_lowercase().contains("chunked");
+        } else if name.eq_ignore_ascii_case("connection") {
+            close = value.eq_ignore_ascii_case("close");
+        }
+    }
+    let body_start = head_end + 4;
+    let no_body = status / 100 == 1 || status == 204 || status == 304;
+    let len = if no_body {
+        Some(body_start)
+    } else if chunked {
+        chunked_end(&buf[body_start..])?.map(|n| body_start + n)
+    } else {
+        let total = body_start + content_length.unwrap_or(0);
+        (buf.len() >= total).then_some(total)
+    };
+    Ok(len.map(|len| Parsed { status, len, close }))
+}
+
+/// Length of a complete chunked body (through the final CRLF), if `buf` holds all of it.
+fn chunked_end(buf: &[u8]) -> Result<Option<usize>, String> {
+    let mut at = 0;
+    loop {
+        let Some(eol) = find(&buf[at..], b"\r\n") else {
+            return Ok(None);
+        };
+        let size_text = std::str::from_utf8(&buf[at..at + eol]).map_err(|_| "bad chunk size")?;
+        let size_text = size_text.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_text, 16)
+            .map_err(|_| format!("bad chunk size {size_text:?}"))?;
+        at += eol + 2;
+        if size == 0 {
+            // Trailers (none expected) end with an empty line.
+            let Some(end) = find(&buf[at..], b"\r\n") else {
+                return Ok(None);
+            };
+            if end == 0 {
+                return Ok(Some(at + 2));
+            }
+            at += end + 2;
+            continue;
+        }
+        if buf.len() < at + size + 2 {
+            return Ok(None);
+        }
+        at += size + 2;
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// One keep-alive connection.
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    closed: bool,
+    /// The head of the last response, kept only by [`get_once`].
+    last_head: String,
+    keep_head: bool,
+}
+
+impl Conn {
+    fn open(addr: SocketAddr, timeout: Duration) -> std::io::Result<Conn> {
+        let stream = TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        Ok(Conn {
+            stream,
+            buf: Vec::with_capacity(16 * 1024),
+            closed: false,
+            last_head: String::new(),
+            keep_head: false,
+        })
+    }
+
+    /// Sends `req` and reads one response; its status.
+    fn request(&mut self, req: &[u8]) -> Result<u16, Failure> {
+        self.stream.write_all(req).map_err(|_| Failure::Write)?;
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match parse_response(&self.buf) {
+                Ok(Some(p)) => {
+                    if self.keep_head
+                        && let Some(end) = find(&self.buf, b"\r\n\r\n")
+                    {
+                        self.last_head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+                    }
+                    self.buf.drain(..p.len);
+                    self.closed = p.close;
+                    return Ok(p.status);
+                }
+                Ok(None) => {}
+                Err(_) => return Err(Failure::Read),
+            }
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Err(Failure::Read),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(Failure::Timeout);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return Err(Failure::Read),
+            }
+        }
+    }
+}
+
+/// One `GET path` on a fresh connection: the status and the response head (for headers such
+/// as `X-Cache`).
+pub fn get_once(addr: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
+    check_loopback(addr)?;
+    let mut conn = Conn::open(addr, timeout).with_context(|| format!("connecting to {addr}"))?;
+    conn.keep_head = true;
+    let status = conn
+        .request(&request_bytes(addr, path))
+        .map_err(|f| anyhow::anyhow!("GET http://{addr}{path}: {f:?}"))?;
+    Ok((status, std::mem::take(&mut conn.last_head)))
+}
+
+/// The value of header `name` in a response head.
+pub fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// The same client on tokio: many connections on few threads (closed loop, stampede).
+struct AsyncConn {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+    closed: bool,
+}
+
+impl AsyncConn {
+    async fn open(addr: SocketAddr, timeout: Duration) -> std::io::Result<AsyncConn> {
+        let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??;
+        stream.set_nodelay(true)?;
+        Ok(AsyncConn {
+            stream,
+            buf: Vec::with_capacity(16 * 1024),
+            closed: false,
+        })
+    }
+
+    /// Sends `req` and reads one response within `timeout`; its status. After an error the
+    /// connection is in an unknown state: drop it.
+    async fn request(&mut self, req: &[u8], timeout: Duration) -> Result<u16, Failure> {
+        tokio::time::timeout(timeout, self.exchange(req))
+            .await
+            .unwrap_or(Err(Failure::Timeout))
+    }
+
+    async fn exchange(&mut self, req: &[u8]) -> Result<u16, Failure> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.stream
+            .write_all(req)
+            .await
+            .map_err(|_| Failure::Write)?;
+        loop {
+            match parse_response(&self.buf) {
+                Ok(Some(p)) => {
+                    self.buf.drain(..p.len);
+                    self.closed = p.close;
+                    return Ok(p.status);
+                }
+                Ok(None) => {}
+                Err(_) => return Err(Failure::Read),
+            }
+            self.buf.reserve(16 * 1024);
+            match self.stream.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return Err(Failure::Read),
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+// === the built-in generator ===
+
+/// A run of the built-in generator.
+#[derive(Debug, Clone)]
+pub struct Builtin {
+    /// The target (must be loopback).
+    pub addr: SocketAddr,
+    /// What to request.
+    pub paths: Paths,
+    /// Connections (closed loop: tasks on `threads` threads; constant rate: one thread each,
+    /// for timers that wake within microseconds).
+    pub connections: usize,
+    /// Threads of the closed-loop run.
+    pub threads: usize,
+    /// How long to send.
+    pub duration: Duration,
+    /// `None`: closed loop; `Some(r)`: `r` requests per second on a fixed timeline.
+    pub rate: Option<f64>,
+    /// Connect / read timeout per request.
+    pub timeout: Duration,
+    /// Upper bound on requests, whatever the duration.
+    pub max_requests: u64,
+}
+
+struct WorkerOut {
+    latencies: Vec<u64>,
+    lags: Vec<u64>,
+    errors: Errors,
+    finished: Instant,
+}
+
+impl Builtin {
+    /// Runs the load and waits for it; every worker stops at the deadline or after its share
+    /// of `max_requests`, whichever comes first.
+    pub fn run(&self) -> anyhow::Result<LoadResult> {
+        check_loopback(self.addr)?;
+        match self.rate {
+            None => self.run_closed(),
+            Some(rate) => self.run_paced(rate),
+        }
+    }
+
+    fn per_worker_max(&self) -> u64 {
+        self.max_requests
+            .div_ceil(self.connections.max(1) as u64)
+            .max(1)
+    }
+
+    /// Closed loop: one task per connection on a multi-threaded tokio runtime.
+    fn run_closed(&self) -> anyhow::Result<LoadResult> {
+        let connections = self.connections.max(1);
+        let threads = self.threads.max(1);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("load")
+            .enable_all()
+            .build()?;
+        let spec = Arc::new(self.clone());
+        let max = self.per_worker_max();
+        let start = Instant::now();
+        let deadline = start + self.duration;
+        let outs = rt.block_on(async move {
+            let mut set = tokio::task::JoinSet::new();
+            for worker in 0..connections {
+                let spec = Arc::clone(&spec);
+                set.spawn(async move { spec.closed_worker(worker, start, deadline, max).await });
+            }
+            let mut outs = Vec::with_capacity(connections);
+            while let Some(out) = set.join_next().await {
+                outs.push(out.context("a load task failed")?);
+            }
+            Ok::<_, anyhow::Error>(outs)
+        })?;
+        Ok(merge(
+            outs,
+            start,
+            Mode::ClosedLoop {
+                connections,
+                threads,
+            },
+            false,
+        ))
+    }
+
+    async fn closed_worker(
+        &self,
+        worker: usize,
+        start: Instant,
+        deadline: Instant,
+        max: u64,
+    ) -> WorkerOut {
+        let mut out = WorkerOut::new(start);
+        let mut paths = PathGen::new(&self.paths, worker);
+        let fixed = match &self.paths {
+            Paths::Fixed(p) => Some(request_bytes(self.addr, p)),
+            _ => None,
+        };
+        let mut conn: Option<AsyncConn> = None;
+        let mut sent: u64 = 0;
+        while sent < max && Instant::now() < deadline {
+            if conn.as_ref().is_none_or(|c| c.closed) {
+                match AsyncConn::open(self.addr, self.timeout).await {
+                    Ok(c) => conn = Some(c),
+                    Err(_) => {
+                        out.errors.connect += 1;
+                        conn = None;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                }
+            }
+            let Some(c) = conn.as_mut() else { continue };
+            let owned;
+            let req = match &fixed {
+                Some(r) => r.as_slice(),
+                None => {
+                    owned = request_bytes(self.addr, &paths.next());
+                    owned.as_slice()
+                }
+            };
+            let began = Instant::now();
+            sent += 1;
+            match c.request(req, self.timeout).await {
+                Ok(status) => out.done(status, nanos(began.elapsed()), None),
+                Err(f) => {
+                    out.failed(f);
+                    conn = None;
+                }
+            }
+        }
+        out.finished = Instant::now();
+        out
+    }
+
+    /// Constant rate: one OS thread per connection, each on its own fixed timeline.
+    fn run_paced(&self, rate: f64) -> anyhow::Result<LoadResult> {
+        let connections = self.connections.max(1);
+        let max = self.per_worker_max();
+        // Everyone starts on the same timeline, a moment from now.
+        let start = Instant::now() + Duration::from_millis(50);
+        let deadline = start + self.duration;
+        // Per connection: one request every `interval`; connection i is offset by i/rate.
+        let rate = rate.max(1e-3);
+        let interval = Duration::from_secs_f64(connections as f64 / rate);
+        let mut handles = Vec::with_capacity(connections);
+        for worker in 0..connections {
+            let spec = self.clone();
+            let offset = Duration::from_secs_f64(worker as f64 / rate);
+            let handle = std::thread::Builder::new()
+                .name(format!("load-{worker}"))
+                .stack_size(256 * 1024)
+                .spawn(move || spec.paced_worker(worker, start, deadline, interval, offset, max))
+                .context("spawning a load thread")?;
+            handles.push(handle);
+        }
+        let mut outs = Vec::with_capacity(connections);
+        for h in handles {
+            outs.push(
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a load thread panicked"))?,
+            );
+        }
+        Ok(merge(
+            outs,
+            start,
+            Mode::ConstantRate { rate, connections },
+            true,
+        ))
+    }
+
+    fn paced_worker(
+        &self,
+        worker: usize,
+        start: Instant,
+        deadline: Instant,
+        interval: Duration,
+        offset: Duration,
+        max: u64,
+    ) -> WorkerOut {
+        let mut out = WorkerOut::new(start);
+        let mut paths = PathGen::new(&self.paths, worker);
+        let fixed = match &self.paths {
+            Paths::Fixed(p) => Some(request_bytes(self.addr, p)),
+            _ => None,
+        };
+        let mut conn: Option<Conn> = None;
+        let mut k: u32 = 0;
+        let mut sent: u64 = 0;
+        while sent < max {
+            let intended = start + offset + interval * k;
+            k = k.saturating_add(1);
+            if intended >= deadline {
+                break;
+            }
+            let now = Instant::now();
+            if intended > now {
+                std::thread::sleep(intended - now);
+            }
+            if conn.as_ref().is_none_or(|c| c.closed) {
+                match Conn::open(self.addr, self.timeout) {
+                    Ok(c) => conn = Some(c),
+                    Err(_) => {
+                        // This slot is lost; the timeline goes on.
+                        out.errors.connect += 1;
+                        conn = None;
+                        continue;
+                    }
+                }
+            }
+            let Some(c) = conn.as_mut() else { continue };
+            let owned;
+            let req = match &fixed {
+                Some(r) => r.as_slice(),
+                None => {
+                    owned = request_bytes(self.addr, &paths.next());
+                    owned.as_slice()
+                }
+            };
+            let began = Instant::now();
+            sent += 1;
+            match c.request(req) {
+                // Latency from the intended send time: a stall delays every later request of
+                // this connection, and each of them counts it.
+                Ok(status) => out.done(
+                    status,
+                    nanos(Instant::now().saturating_duration_since(intended)),
+                    Some(nanos(began.saturating_duration_since(intended))),
+                ),
+                Err(f) => {
+                    out.failed(f);
+                    conn = None;
+                }
+            }
+        }
+        out.finished = Instant::now();
+        out
+    }
+}
+
+impl WorkerOut {
+    fn new(start: Instant) -> Self {
+        WorkerOut {
+            latencies: Vec::with_capacity(4096),
+            lags: Vec::new(),
+            errors: Errors::default(),
+            finished: start,
+        }
+    }
+
+    fn done(&mut self, status: u16, latency: u64, lag: Option<u64>) {
+        self.latencies.push(latency);
+        if let Some(lag) = lag {
+            self.lags.push(lag);
+        }
+        if !(200..400).contains(&status) {
+            self.errors.status += 1;
+        }
+    }
+
+    fn failed(&mut self, f: Failure) {
+        match f {
+            Failure::Write => self.errors.write += 1,
+            Failure::Read => self.errors.read += 1,
+            Failure::Timeout => self.errors.timeout += 1,
+        }
+    }
+}
+
+fn merge(outs: Vec<WorkerOut>, start: Instant, mode: Mode, lags: bool) -> LoadResult {
+    let mut latencies = Vec::new();
+    let mut lag = Vec::new();
+    let mut errors = Errors::default();
+    let mut finished = start;
+    for out in outs {
+        latencies.extend(out.latencies);
+        lag.extend(out.lags);
+        errors.add(&out.errors);
+        finished = finished.max(out.finished);
+    }
+    let duration_s = finished.saturating_duration_since(start).as_secs_f64();
+    let requests = latencies.len() as u64;
+    LoadResult {
+        generator: "built-in",
+        mode,
+        requests,
+        duration_s,
+        rps: if duration_s > 0.0 {
+            requests as f64 / duration_s
+        } else {
+            0.0
+        },
+        errors,
+        latency: percentiles(&mut latencies),
+        send_lag: if lags { percentiles(&mut lag) } else { None },
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+// === stampede ===
+
+/// The outcome of [`stampede`].
+#[derive(Debug, Clone, Serialize)]
+pub struct StampedeResult {
+    /// Requests sent at once.
+    pub clients: usize,
+    /// Responses with a 2xx status.
+    pub ok: u64,
+    /// Failures (status errors included).
+    pub errors: Errors,
+    /// Latency of every response, from its own send.
+    pub latency: Option<Percentiles>,
+}
+
+/// Opens `clients` connections to `addr`, then sends `GET path` on all of them at once and
+/// waits (at most `timeout` each) for every answer. One tokio thread drives every connection:
+/// the sends go out back to back within a few milliseconds, and a thousand client threads do
+/// not fight the servers for the CPU.
+pub fn stampede(
+    addr: SocketAddr,
+    path: &str,
+    clients: usize,
+    timeout: Duration,
+) -> anyhow::Result<StampedeResult> {
+    check_loopback(addr)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let req = Arc::new(request_bytes(addr, path));
+    rt.block_on(async move {
+        let mut errors = Errors::default();
+        // Connect first (retrying briefly: a short listen backlog may drop a SYN); set-up is
+        // not part of the measurement.
+        let mut connecting = tokio::task::JoinSet::new();
+        for _ in 0..clients {
+            connecting.spawn(async move {
+                let until = Instant::now() + timeout;
+                loop {
+                    match AsyncConn::open(addr, timeout).await {
+                        Ok(c) => return Some(c),
+                        Err(_) if Instant::now() < until => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(_) => return None,
+                    }
+                }
+            });
+        }
+        let mut conns = Vec::with_capacity(clients);
+        while let Some(c) = connecting.join_next().await {
+            match c {
+                Ok(Some(c)) => conns.push(c),
+                _ => errors.connect += 1,
+            }
+        }
+        // The tasks start when this one awaits, and run back to back: each sends, then waits.
+        let mut set = tokio::task::JoinSet::new();
+        for mut c in conns {
+            let req = Arc::clone(&req);
+            set.spawn(async move {
+                let began = Instant::now();
+                c.request(&req, timeout)
+                    .await
+                    .map(|s| (s, nanos(began.elapsed())))
+            });
+        }
+        let mut ok = 0;
+        let mut latencies = Vec::with_capacity(clients);
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok(Ok((status, n))) => {
+                    latencies.push(n);
+                    if (200..300).contains(&status) {
+                        ok += 1;
+                    } else {
+                        errors.status += 1;
+                    }
+                }
+                Ok(Err(Failure::Write)) => errors.write += 1,
+                Ok(Err(Failure::Read)) | Err(_) => errors.read += 1,
+                Ok(Err(Failure::Timeout)) => errors.timeout += 1,
+            }
+        }
+        Ok(StampedeResult {
+            clients,
+            ok,
+            errors,
+            latency: percentiles(&mut latencies),
+        })
+    })
+}
+
+// === wrk ===
+
+/// A closed-loop wrk run.
+#[derive(Debug, Clone)]
+pub struct Wrk<'a> {
+    /// The target (must be loopback).
+    pub addr: SocketAddr,
+    /// What to request.
+    pub paths: &'a Paths,
+    /// `-c`.
+    pub connections: usize,
+    /// `-t`.
+    pub threads: usize,
+    /// `-d`.
+    pub duration: Duration,
+    /// `--timeout`.
+    pub timeout: Duration,
+    /// Where the Lua script is written.
+    pub dir: &'a Path,
+    /// Run wrk under `taskset -c CPU`.
+    pub cpu: Option<usize>,
+}
+
+/// The marker of the line our Lua `done()` prints.
+const WRK_MARKER: &str = "TOLLGATE_BENCH";
+
+impl Wrk<'_> {
+    /// Runs wrk and parses its summary.
+    pub fn run(&self) -> anyhow::Result<LoadResult> {
+        check_loopback(self.addr)?;
+        let script = self.dir.join(format!(
+            "wrk-{}.lua",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        std::fs::write(&script, wrk_script(self.paths))
+            .with_context(|| format!("writing {}", script.display()))?;
+        let url = match self.paths {
+            Paths::Fixed(p) => format!("http://{}{p}", self.addr),
+            _ => format!("http://{}/", self.addr),
+        };
+        let threads = self.threads.clamp(1, self.connections.max(1));
+        let mut cmd = match self.cpu {
+            Some(cpu) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", &cpu.to_string(), "wrk"]);
+                c
+            }
+            None => Command::new("wrk"),
+        };
+        cmd.arg(format!("-t{threads}"))
+            .arg(format!("-c{}", self.connections))
+            // wrk takes whole seconds only.
+            .arg(format!("-d{}s", whole_secs(self.duration)))
+            .arg(format!("--timeout={}s", whole_secs(self.timeout)))
+            .arg("-s")
+            .arg(&script)
+            .arg(&url)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().context("starting wrk")?;
+        let pid = child.id();
+        targets::register_pid(pid);
+        let output = child.wait_with_output();
+        targets::unregister_pid(pid);
+        let _ = std::fs::remove_file(&script);
+        let output = output.context("waiting for wrk")?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() {
+            bail!(
+                "wrk failed ({}): {}{}",
+                output.status,
+                stdout,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let summary = parse_wrk(&stdout)?;
+        let duration_s = summary.duration_us as f64 / 1e6;
+        Ok(LoadResult {
+            generator: "wrk",
+            mode: Mode::ClosedLoop {
+                connections: self.connections,
+                threads,
+            },
+            requests: summary.requests,
+            duration_s,
+            rps: if duration_s > 0.0 {
+                summary.requests as f64 / duration_s
+            } else {
+                0.0
+            },
+            errors: summary.errors,
+            latency: (summary.requests > 0).then_some(summary.latency),
+            send_lag: None,
+        })
+    }
+}
+
+/// `d` in whole seconds, at least 1 (rounded to the nearest).
+pub fn whole_secs(d: Duration) -> u64 {
+    (d.as_secs_f64().round() as u64).max(1)
+}
+
+/// What our `done()` hook reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WrkSummary {
+    /// Completed requests.
+    pub requests: u64,
+    /// Run time, µs.
+    pub duration_us: u64,
+    /// Errors by kind.
+    pub errors: Errors,
+    /// Latency (closed loop: subject to coordinated omission).
+    pub latency: Percentiles,
+}
+
+/// Parses the `TOLLGATE_BENCH key=value …` line of wrk's output.
+pub fn parse_wrk(stdout: &str) -> anyhow::Result<WrkSummary> {
+    let line = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(WRK_MARKER))
+        .with_context(|| format!("no {WRK_MARKER} line in wrk's output:\n{stdout}"))?;
+    let mut fields = std::collections::HashMap::new();
+    for kv in line.split_whitespace() {
+        if let Some((k, v)) = kv.split_once('=') {
+            fields.insert(k, v);
+        }
+    }
+    let num = |k: &str| -> anyhow::Result<f64> {
+        fields
+            .get(k)
+            .with_context(|| format!("wrk summary lacks {k}: {line}"))?
+            .parse::<f64>()
+            .with_context(|| format!("wrk summary {k} is not a number: {line}"))
+    };
+    let int = |k: &str| num(k).map(|v| v.max(0.0) as u64);
+    Ok(WrkSummary {
+        requests: int("requests")?,
+        duration_us: int("duration_us")?,
+        errors: Errors {
+            connect: int("connect")?,
+            read: int("read")?,
+            write: int("write")?,
+            status: int("status")?,
+            timeout: int("timeout")?,
+        },
+        latency: Percentiles {
+            p50_us: num("p50_us")?,
+            p90_us: num("p90_us")?,
+            p99_us: num("p99_us")?,
+            p999_us: num("p999_us")?,
+            max_us: num("max_us")?,
+            mean_us: num("mean_us")?,
+        },
+    })
+}
+
+fn lua_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The Lua script for `paths`: per-thread ids, the request chooser, and a `done()` that prints
+/// one machine-readable summary line (latencies in µs).
+pub fn wrk_script(paths: &Paths) -> String {
+    let mut s = String::from(
+        "-- generated by `cargo xtask bench`\n\
+         local threads = 0\n\
+         function setup(thread)\n  threads = threads + 1\n  thread:set(\"id\", threads)\nend\n",
+    );
+    match paths {
+        Paths::Fixed(_) => {}
+        Paths::Zipf {
+            prefix,
+            cdf_file,
+            seed,
+            ..
+        } => {
+            s.push_str(&format!(
+                r#"local cdf, reqs, n = {{}}, {{}}, 0
+function init(args)
+  for line in io.lines({file}) do
+    n = n + 1
+    cdf[n] = tonumber(line)
+  end
+  math.randomseed({seed} + (id or 0) * 7919)
+  for i = 1, n do
+    reqs[i] = wrk.format("GET", {prefix} .. (i - 1))
+  end
+end
+function request()
+  local u = math.random()
+  local lo, hi = 1, n
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if cdf[mid] < u then lo = mid + 1 else hi = mid end
+  end
+  return reqs[lo]
+end
+"#,
+                file = lua_string(&cdf_file.display().to_string()),
+                seed = seed % 1_000_000_007,
+                prefix = lua_string(prefix),
+            ));
+        }
+        Paths::Unique { prefix } => {
+            s.push_str(&format!(
+                r#"local sent = 0
+function request()
+  sent = sent + 1
+  return wrk.format("GET", {prefix} .. (id or 0) .. "-" .. sent)
+end
+"#,
+                prefix = lua_string(prefix),
+            ));
+        }
+    }
+    s.push_str(&format!(
+        r#"function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("{WRK_MARKER} requests=%d duration_us=%d bytes=%d connect=%d read=%d write=%d status=%d timeout=%d mean_us=%.1f max_us=%.1f p50_us=%.1f p90_us=%.1f p99_us=%.1f p999_us=%.1f\n",
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status, e.timeout,
+    latency.mean, latency.max, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency:percentile(99.9)))
+end
+"#
+    ));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(nearest_rank(&v, 50.0), 50);
+        assert_eq!(nearest_rank(&v, 90.0), 90);
+        assert_eq!(nearest_rank(&v, 99.0), 99);
+        assert_eq!(nearest_rank(&v, 99.9), 100);
+        assert_eq!(nearest_rank(&v, 100.0), 100);
+        assert_eq!(nearest_rank(&v, 0.0), 1);
+        assert_eq!(nearest_rank(&[7], 99.9), 7);
+        let v: Vec<u64> = (1..=1000).collect();
+        assert_eq!(nearest_rank(&v, 99.9), 999);
+
+        let mut shuffled: Vec<u64> = (1..=10).rev().map(|n| n * 1000).collect();
+        let p = percentiles(&mut shuffled).unwrap();
+        assert_eq!(p.p50_us, 5.0);
+        assert_eq!(p.p90_us, 9.0);
+        assert_eq!(p.p99_us, 10.0);
+        assert_eq!(p.max_us, 10.0);
+        assert_eq!(p.mean_us, 5.5);
+        assert!(percentiles(&mut []).is_none());
+    }
+
+    const WRK_OUT: &str = "Running 3s test @ http://127.0.0.1:40000/bench/hot
+  2 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   412.33us  301.12us  12.20ms   90.00%
+    Req/Sec    80.11k     3.20k   88.00k    70.00%
+  478123 requests in 3.00s, 380.12MB read
+Requests/sec: 159374.33
+Transfer/sec:    126.70MB
+TOLLGATE_BENCH requests=478123 duration_us=3000012 bytes=398584120 connect=0 read=2 write=0 status=5 timeout=1 mean_us=412.3 max_us=12200.0 p50_us=380.0 p90_us=610.0 p99_us=1400.0 p999_us=4100.0
+";
+
+    #[test]
+    fn parses_wrk_summary() {
+        let s = parse_wrk(WRK_OUT).unwrap();
+        assert_eq!(s.requests, 478_123);
+        assert_eq!(s.duration_us, 3_000_012);
+        assert_eq!(
+            s.errors,
+            Errors {
+                connect: 0,
+                read: 2,
+                write: 0,
+                status: 5,
+                timeout: 1
+            }
+        );
+        assert_eq!(s.errors.total(), 8);
+        assert_eq!(s.latency.p50_us, 380.0);
+        assert_eq!(s.latency.p999_us, 4100.0);
+        assert_eq!(s.latency.max_us, 12200.0);
+        assert!(parse_wrk("Running 3s test\n").is_err());
+        assert!(parse_wrk("TOLLGATE_BENCH requests=1\n").is_err());
+    }
+
+    #[test]
+    fn wrk_gets_whole_seconds() {
+        assert_eq!(whole_secs(Duration::from_millis(500)), 1);
+        assert_eq!(whole_secs(Duration::from_millis(2600)), 3);
+        assert_eq!(whole_secs(Duration::from_secs(10)), 10);
+    }
+
+    #[test]
+    fn scripts_quote_paths_and_define_done() {
+        let s = wrk_script(&Paths::Unique {
+            prefix: "/bench/miss?k=\"x".into(),
+        });
+        assert!(s.contains(r#""/bench/miss?k=\"x""#));
+        assert!(s.contains("function request()"));
+        assert!(s.contains("function done("));
+        let s = wrk_script(&Paths::Fixed("/bench/hot".into()));
+        assert!(!s.contains("function request()"));
+    }
+
+    #[test]
+    fn parses_responses() {
+        let r = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Cache: HIT\r\n\r\nhelloHTTP/1.1";
+        assert_eq!(
+            parse_response(r).unwrap(),
+            Some(Parsed {
+                status: 200,
+                len: r.len() - 8,
+                close: false
+            })
+        );
+        // Incomplete body, incomplete head.
+        assert_eq!(
+            parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhel").unwrap(),
+            None
+        );
+        assert_eq!(parse_response(b"HTTP/1.1 200 OK\r\n").unwrap(), None);
+        // Chunked.
+        let c = b"HTTP/1.1 502 Bad Gateway\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+        assert_eq!(
+            parse_response(c).unwrap(),
+            Some(Parsed {
+                status: 502,
+                len: c.len(),
+                close: true
+            })
+        );
+        assert_eq!(parse_response(&c[..c.len() - 2]).unwrap(), None);
+        assert!(parse_response(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn splitmix_is_uniform_enough() {
+        let mut r = SplitMix64(1);
+        let n = 100_000;
+        let mean = (0..n).map(|_| r.next_f64()).sum::<f64>() / n as f64;
+        assert!((mean - 0.5).abs() < 0.01, "{mean}");
+    }
+}

@@ -1,0 +1,358 @@
+//! The scenarios: what is requested, how the load is offered and what is recorded.
+//!
+//! * `hot` — one key, after a warm-up: throughput closed-loop, latency at a constant rate.
+//! * `zipf` — keys drawn from a Zipf distribution (s ≈ 1.0) over 100,000 keys, after a
+//!   warm-up with the same distribution (so the tail still misses: the hit ratio is printed).
+//! * `miss` — every request a new key, the upstream answers in 50 ms, 1,000 connections:
+//!   gateway concurrency under misses; throughput should be bounded by the upstream latency.
+//! * `stampede` — 1,000 simultaneous requests for one cold key, upstream 50 ms: upstream calls
+//!   per target and how long the waiters waited.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mock_upstream::MockUpstream;
+use serde::Serialize;
+
+use super::load::{self, Builtin, LoadResult, Paths, Wrk};
+use super::proc;
+use super::report::RunRecord;
+use super::targets::{Server, TargetKind};
+
+/// A benchmark scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// One hot key.
+    Hot,
+    /// Zipf-distributed keys.
+    Zipf,
+    /// Every request a miss, slow upstream, many connections.
+    Miss,
+    /// Many simultaneous requests for one cold key.
+    Stampede,
+}
+
+impl Scenario {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Hot => "hot",
+            Scenario::Zipf => "zipf",
+            Scenario::Miss => "miss",
+            Scenario::Stampede => "stampede",
+        }
+    }
+
+    /// Whether `kind` takes part (the floor has no cache: it is left out of `miss` and
+    /// `stampede`).
+    pub fn includes(self, kind: TargetKind) -> bool {
+        match self {
+            Scenario::Hot | Scenario::Zipf => true,
+            Scenario::Miss | Scenario::Stampede => kind.caches(),
+        }
+    }
+
+    /// How long the mock upstream waits before answering.
+    pub fn upstream_delay(self, s: &Settings) -> Duration {
+        match self {
+            Scenario::Hot | Scenario::Zipf => Duration::ZERO,
+            Scenario::Miss | Scenario::Stampede => s.upstream_delay,
+        }
+    }
+}
+
+/// Everything that shapes a run; reported in the JSON.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    /// `--quick`.
+    pub quick: bool,
+    /// Rounds of every scenario (targets alternate inside a round).
+    pub rounds: usize,
+    /// Length of each measured run.
+    #[serde(serialize_with = "secs")]
+    pub duration: Duration,
+    /// Connections of the closed-loop and constant-rate runs (`hot`, `zipf`).
+    pub connections: usize,
+    /// wrk threads.
+    pub wrk_threads: usize,
+    /// Requests per second of the constant-rate latency runs.
+    pub rate: f64,
+    /// Keys of the `zipf` scenario.
+    pub zipf_keys: usize,
+    /// Zipf exponent.
+    pub zipf_s: f64,
+    /// Warm-up before the first `zipf` round, per target.
+    #[serde(serialize_with = "secs")]
+    pub zipf_warmup: Duration,
+    /// Warm-up before the first `hot` round, per target.
+    #[serde(serialize_with = "secs")]
+    pub hot_warmup: Duration,
+    /// Connections of the `miss` scenario.
+    pub miss_connections: usize,
+    /// Simultaneous requests of the `stampede` scenario.
+    pub stampede_clients: usize,
+    /// Upstream latency in `miss` and `stampede`.
+    #[serde(serialize_with = "secs")]
+    pub upstream_delay: Duration,
+    /// Response body size.
+    pub body_bytes: usize,
+    /// Workers (threads or processes) of every server.
+    pub server_workers: usize,
+    /// Use wrk for closed-loop runs (else the built-in generator).
+    pub use_wrk: bool,
+    /// CPU of the servers and of the load generator when pinned with taskset.
+    pub pin: Option<(usize, usize)>,
+    /// Per-request timeout of the load generators.
+    #[serde(serialize_with = "secs")]
+    pub timeout: Duration,
+}
+
+fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+/// Cumulative probabilities of a Zipf distribution over `n` keys with exponent `s`:
+/// `P(key = k) ∝ 1 / (k + 1)^s`, so key 0 is the most popular. The last value is exactly 1.
+pub fn zipf_cdf(n: usize, s: f64) -> Vec<f64> {
+    let weights: Vec<f64> = (1..=n).map(|k| 1.0 / (k as f64).powf(s)).collect();
+    let total: f64 = weights.iter().sum();
+    let mut acc = 0.0;
+    let mut cdf: Vec<f64> = weights
+        .iter()
+        .map(|w| {
+            acc += w / total;
+            acc
+        })
+        .collect();
+    if let Some(last) = cdf.last_mut() {
+        *last = 1.0;
+    }
+    cdf
+}
+
+/// The key whose CDF interval holds `u ∈ [0, 1)`: the first `k` with `cdf[k] ≥ u` (the same
+/// binary search the wrk script does).
+pub fn zipf_pick(cdf: &[f64], u: f64) -> usize {
+    cdf.partition_point(|&c| c < u)
+        .min(cdf.len().saturating_sub(1))
+}
+
+/// What a scenario run needs besides the target.
+pub struct Ctx<'a> {
+    /// Settings.
+    pub settings: &'a Settings,
+    /// The in-process mock upstream (counts calls).
+    pub mock: &'a MockUpstream,
+    /// Scratch dir (wrk scripts, the Zipf table).
+    pub dir: PathBuf,
+    /// The Zipf table, built once per bench.
+    pub zipf: Arc<Vec<f64>>,
+    /// The Zipf table as a file, for wrk.
+    pub zipf_file: PathBuf,
+}
+
+const HOT_PATH: &str = "/bench/hot/properties?state=TX&city=Austin";
+
+impl Ctx<'_> {
+    fn paths(&self, scenario: Scenario, round: usize, seed: u64) -> Paths {
+        match scenario {
+            Scenario::Hot => Paths::Fixed(HOT_PATH.into()),
+            Scenario::Zipf => Paths::Zipf {
+                prefix: "/bench/zipf/properties?id=".into(),
+                cdf: Arc::clone(&self.zipf),
+                cdf_file: self.zipf_file.clone(),
+                seed,
+            },
+            Scenario::Miss => Paths::Unique {
+                prefix: format!("/bench/miss/properties?round={round}&k="),
+            },
+            Scenario::Stampede => Paths::Fixed(format!("/bench/stampede/properties?round={round}")),
+        }
+    }
+
+    /// A closed-loop run: wrk when available, else the built-in generator.
+    fn closed_loop(
+        &self,
+        server: &Server,
+        paths: &Paths,
+        connections: usize,
+        duration: Duration,
+    ) -> anyhow::Result<LoadResult> {
+        let s = self.settings;
+        if s.use_wrk {
+            Wrk {
+                addr: server.addr,
+                paths,
+                connections,
+                threads: s.wrk_threads,
+                duration,
+                timeout: s.timeout,
+                dir: &self.dir,
+                cpu: s.pin.map(|(_, load)| load),
+            }
+            .run()
+        } else {
+            Builtin {
+                addr: server.addr,
+                paths: paths.clone(),
+                connections,
+                threads: s.wrk_threads,
+                duration,
+                rate: None,
+                timeout: s.timeout,
+                max_requests: max_requests(duration, 1_000_000.0),
+            }
+            .run()
+        }
+    }
+
+    fn constant_rate(&self, server: &Server, paths: &Paths) -> anyhow::Result<LoadResult> {
+        let s = self.settings;
+        Builtin {
+            addr: server.addr,
+            paths: paths.clone(),
+            connections: s.connections,
+            threads: s.wrk_threads,
+            duration: s.duration,
+            rate: Some(s.rate),
+            timeout: s.timeout,
+            max_requests: max_requests(s.duration, s.rate),
+        }
+        .run()
+    }
+
+    /// Prepares `server` for the first round: fills its cache for `hot` and `zipf`. Returns
+    /// the `X-Cache` header seen on a probe of the hot key afterwards (`hot` only).
+    pub fn warm_up(&self, scenario: Scenario, server: &Server) -> anyhow::Result<Option<String>> {
+        let s = self.settings;
+        match scenario {
+            Scenario::Hot => {
+                let paths = self.paths(scenario, 0, 0);
+                self.closed_loop(server, &paths, s.connections, s.hot_warmup)?;
+                let (status, head) = load::get_once(server.addr, HOT_PATH, s.timeout)?;
+                let x_cache = load::header(&head, "x-cache").unwrap_or("-");
+                Ok(Some(format!("{status} X-Cache: {x_cache}")))
+            }
+            Scenario::Zipf => {
+                let paths = self.paths(scenario, 0, 0xC0FFEE);
+                self.closed_loop(server, &paths, s.connections, s.zipf_warmup)?;
+                Ok(None)
+            }
+            Scenario::Miss | Scenario::Stampede => Ok(None),
+        }
+    }
+
+    /// One measured run of `scenario` against `server`.
+    pub fn measure(
+        &self,
+        scenario: Scenario,
+        server: &Server,
+        round: usize,
+    ) -> anyhow::Result<RunRecord> {
+        let s = self.settings;
+        let pid = server.pid();
+        proc::reset_peak(pid);
+        let before = proc::usage(pid);
+        let calls_before = self.mock.calls();
+        let mut record = RunRecord::new(scenario, server.kind, round);
+        match scenario {
+            Scenario::Hot | Scenario::Zipf | Scenario::Miss => {
+                let paths = self.paths(scenario, round, round as u64);
+                let connections = if scenario == Scenario::Miss {
+                    s.miss_connections
+                } else {
+                    s.connections
+                };
+                let tp = self.closed_loop(server, &paths, connections, s.duration)?;
+                let after = proc::usage(pid);
+                let calls = self.mock.calls().saturating_sub(calls_before);
+                record.upstream_calls = calls;
+                record.cpu_seconds = after.cpu_seconds - before.cpu_seconds;
+                if tp.requests > 0 {
+                    record.cpu_us_per_request = Some(record.cpu_seconds * 1e6 / tp.requests as f64);
+                    if server.kind.caches() && scenario != Scenario::Miss {
+                        record.hit_ratio = Some(1.0 - (calls as f64 / tp.requests as f64).min(1.0));
+                    }
+                }
+                record.throughput = Some(tp);
+                if scenario != Scenario::Miss {
+                    record.latency = Some(self.constant_rate(server, &paths)?);
+                }
+            }
+            Scenario::Stampede => {
+                let Paths::Fixed(path) = self.paths(scenario, round, 0) else {
+                    unreachable!("stampede requests one path")
+                };
+                let result = load::stampede(server.addr, &path, s.stampede_clients, s.timeout)?;
+                // A late upstream call would still be counted: give stragglers a moment.
+                std::thread::sleep(Duration::from_millis(200));
+                let after = proc::usage(pid);
+                record.upstream_calls = self.mock.calls().saturating_sub(calls_before);
+                record.cpu_seconds = after.cpu_seconds - before.cpu_seconds;
+                record.stampede = Some(result);
+            }
+        }
+        let end = proc::usage(pid);
+        record.peak_rss_kib = end.peak_rss_kib;
+        record.pss_kib = end.pss_kib;
+        record.processes = end.processes;
+        Ok(record)
+    }
+}
+
+/// A safety bound on requests: twice what `rate` would send in `duration`, at least 1,000.
+fn max_requests(duration: Duration, rate: f64) -> u64 {
+    ((duration.as_secs_f64() * rate * 2.0) as u64).max(1000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zipf_table_sums_to_one_and_is_monotone() {
+        for (n, s) in [(100_000, 1.0), (10, 1.0), (1000, 0.8), (1, 1.0)] {
+            let cdf = zipf_cdf(n, s);
+            assert_eq!(cdf.len(), n);
+            assert_eq!(cdf[n - 1], 1.0);
+            assert!(cdf.windows(2).all(|w| w[0] < w[1]), "not increasing");
+            assert!(cdf[0] > 0.0);
+            // Each key at most as likely as the one before it.
+            let p: Vec<f64> = std::iter::once(cdf[0])
+                .chain(cdf.windows(2).map(|w| w[1] - w[0]))
+                .collect();
+            assert!(p.windows(2).all(|w| w[0] >= w[1] - 1e-15));
+            assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        }
+        // s = 1 over 100,000 keys: key 0 takes 1/H(100000) ≈ 8.3%.
+        let cdf = zipf_cdf(100_000, 1.0);
+        assert!((cdf[0] - 0.0827).abs() < 0.001, "{}", cdf[0]);
+    }
+
+    #[test]
+    fn zipf_pick_inverts_the_cdf() {
+        let cdf = zipf_cdf(4, 1.0); // weights 1, 1/2, 1/3, 1/4 over 25/12
+        assert_eq!(zipf_pick(&cdf, 0.0), 0);
+        assert_eq!(zipf_pick(&cdf, 0.47), 0);
+        assert_eq!(zipf_pick(&cdf, 0.49), 1);
+        assert_eq!(zipf_pick(&cdf, 0.999_999), 3);
+        assert_eq!(zipf_pick(&cdf, 1.0), 3);
+        let mut rng = load::SplitMix64(7);
+        let draws = 200_000;
+        let zeros = (0..draws)
+            .filter(|_| zipf_pick(&cdf, rng.next_f64()) == 0)
+            .count();
+        let share = zeros as f64 / draws as f64;
+        assert!((share - 12.0 / 25.0).abs() < 0.01, "{share}");
+    }
+
+    #[test]
+    fn floor_sits_out_the_cache_scenarios() {
+        assert!(Scenario::Hot.includes(TargetKind::Floor));
+        assert!(!Scenario::Miss.includes(TargetKind::Floor));
+        assert!(!Scenario::Stampede.includes(TargetKind::Floor));
+        assert!(Scenario::Stampede.includes(TargetKind::Varnish));
+    }
+}
