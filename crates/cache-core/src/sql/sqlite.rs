@@ -1,6 +1,6 @@
 //! The SQLite store.
 
-use sqlite_pool::{Object, Pool};
+use sql_pool::sqlite::{Object, Pool};
 
 use super::POOL_TIMEOUT;
 use crate::error::{CacheError, Result};
@@ -15,7 +15,7 @@ const IN_MEMORY_SCHEMA: &[&str] = &[include_str!(
 
 /// A [`CacheStore`](crate::CacheStore) in an SQLite database file (feature `sqlite`).
 ///
-/// Queries run on a pool of connections, each on the process-wide SQLite threads (`sqlite-pool`). The `cache_entries`
+/// Queries run on a pool of connections, each on the process-wide SQLite threads (`sql-pool`). The `cache_entries`
 /// table must exist: run `migrations/sqlite` first. Survives restarts of the process; several
 /// processes may share the file (WAL mode, 5 s busy timeout).
 #[derive(Clone)]
@@ -39,7 +39,7 @@ impl SqliteStore {
     ///
     /// Connections are opened lazily (see [`ping`](Self::ping)); at most `pool_size` at once.
     pub fn connect(url: &str, pool_size: usize) -> Result<SqliteStore> {
-        let pool = sqlite_pool::connect(url, pool_size, IN_MEMORY_SCHEMA, POOL_TIMEOUT)
+        let pool = sql_pool::sqlite::connect(url, pool_size, IN_MEMORY_SCHEMA, POOL_TIMEOUT)
             .map_err(|e| CacheError::backend(BACKEND, e))?;
         Ok(SqliteStore { pool })
     }

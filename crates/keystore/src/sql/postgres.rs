@@ -1,16 +1,9 @@
 //! The PostgreSQL store.
 
-use deadpool::Runtime;
-use diesel_async::AsyncPgConnection;
-use diesel_async::pooled_connection::deadpool::{Object, Pool};
-use diesel_async::pooled_connection::{
-    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
-};
+use sql_pool::postgres::{Object, Pool};
 
 use super::POOL_TIMEOUT;
 use crate::error::{KeyError, Result};
-
-type Conn = AsyncPgConnection;
 
 const BACKEND: &str = "postgres";
 
@@ -25,7 +18,7 @@ const BACKEND: &str = "postgres";
 /// wait, connect and check timeouts) instead of stalling it.
 #[derive(Clone)]
 pub struct PostgresKeyStore {
-    pool: Pool<Conn>,
+    pool: Pool,
 }
 
 impl std::fmt::Debug for PostgresKeyStore {
@@ -43,23 +36,12 @@ impl PostgresKeyStore {
     /// Connections are opened lazily, so this succeeds while the database is down (see
     /// [`ping`](crate::KeyStore::ping)); it fails only on a pool that cannot be built.
     pub fn connect(url: &str, pool_size: usize) -> Result<PostgresKeyStore> {
-        let mut config = ManagerConfig::<Conn>::default();
-        // No test query per checkout: connections the server closed are dropped by the pool
-        // (`is_closed`), and a query failing on a stale one only fails that operation.
-        config.recycling_method = RecyclingMethod::Fast;
-        let manager = AsyncDieselConnectionManager::<Conn>::new_with_config(url, config);
-        let pool = Pool::builder(manager)
-            .max_size(pool_size.max(1))
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(POOL_TIMEOUT))
-            .create_timeout(Some(POOL_TIMEOUT))
-            .recycle_timeout(Some(POOL_TIMEOUT))
-            .build()
+        let pool = sql_pool::postgres::connect(url, pool_size, POOL_TIMEOUT)
             .map_err(|e| KeyError::backend(BACKEND, e))?;
         Ok(PostgresKeyStore { pool })
     }
 
-    async fn conn(&self) -> Result<Object<Conn>> {
+    async fn conn(&self) -> Result<Object> {
         self.pool
             .get()
             .await

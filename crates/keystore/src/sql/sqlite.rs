@@ -1,6 +1,6 @@
 //! The SQLite store.
 
-use sqlite_pool::{Object, Pool};
+use sql_pool::sqlite::{Object, Pool};
 
 use super::POOL_TIMEOUT;
 use crate::error::{KeyError, Result};
@@ -15,7 +15,7 @@ const IN_MEMORY_SCHEMA: &[&str] = &[include_str!(
 
 /// A [`KeyStore`](crate::KeyStore) in an SQLite database file (feature `sqlite`).
 ///
-/// Queries run on a pool of connections, each on the process-wide SQLite threads (`sqlite-pool`). The `api_keys`
+/// Queries run on a pool of connections, each on the process-wide SQLite threads (`sql-pool`). The `api_keys`
 /// table must exist: run `migrations/sqlite` first. Several processes may share the file (WAL
 /// mode, 5 s busy timeout).
 #[derive(Clone)]
@@ -40,12 +40,10 @@ impl SqliteKeyStore {
     /// Connections are opened lazily (see [`ping`](crate::KeyStore::ping)); at most `pool_size`
     /// at once.
     pub fn connect(url: &str, pool_size: usize) -> Result<SqliteKeyStore> {
-        let pool =
-            sqlite_pool::connect(url, pool_size, IN_MEMORY_SCHEMA, POOL_TIMEOUT).map_err(|e| {
-                match e {
-                    sqlite_pool::PoolError::NoPath(_) => KeyError::Invalid(e.to_string()),
-                    e => KeyError::backend(BACKEND, e),
-                }
+        let pool = sql_pool::sqlite::connect(url, pool_size, IN_MEMORY_SCHEMA, POOL_TIMEOUT)
+            .map_err(|e| match e {
+                sql_pool::PoolError::NoPath(_) => KeyError::Invalid(e.to_string()),
+                e => KeyError::backend(BACKEND, e),
             })?;
         Ok(SqliteKeyStore { pool })
     }

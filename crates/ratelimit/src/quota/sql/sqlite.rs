@@ -1,7 +1,7 @@
 //! The SQLite connection pool.
 
-pub(super) use sqlite_pool::Pool;
-use sqlite_pool::{Conn, Object};
+pub(super) use sql_pool::sqlite::Pool;
+use sql_pool::sqlite::{Conn, Object};
 
 use super::POOL_TIMEOUT;
 use crate::error::{RateLimitError, Result};
@@ -17,10 +17,12 @@ const IN_MEMORY_SCHEMA: &str =
 /// bare path, or `sqlite::memory:` / `:memory:` (one private connection, created with the
 /// table).
 pub(super) fn connect(url: &str, pool_size: usize) -> Result<Pool> {
-    sqlite_pool::connect(url, pool_size, &[IN_MEMORY_SCHEMA], POOL_TIMEOUT).map_err(|e| match e {
-        sqlite_pool::PoolError::NoPath(_) => RateLimitError::InvalidArgument(e.to_string()),
-        e => RateLimitError::backend(BACKEND, e),
-    })
+    sql_pool::sqlite::connect(url, pool_size, &[IN_MEMORY_SCHEMA], POOL_TIMEOUT).map_err(
+        |e| match e {
+            sql_pool::PoolError::NoPath(_) => RateLimitError::InvalidArgument(e.to_string()),
+            e => RateLimitError::backend(BACKEND, e),
+        },
+    )
 }
 
 pub(super) async fn conn(pool: &Pool) -> Result<Object> {

@@ -1,32 +1,5 @@
-//! # sqlite-pool
-//!
-//! A pool of async SQLite connections (diesel-async's `SyncConnectionWrapper` over a bundled
-//! libsqlite3) shared by Tollgate's SQL stores: the response cache, the key store and the quota
-//! counters.
-//!
-//! SQLite calls block, so each runs on a blocking thread. diesel-async's default wrapper ties a
-//! connection to the tokio runtime that opened it; a connection opened on a runtime that later
-//! stops (an actix-web worker at shutdown, or one restarted after a panic) fails every later
-//! query with "task was cancelled", and cancelling a query on a current-thread runtime panics.
-//! Here the blocking work of every connection runs on one process-wide pool of threads
-//! ([`Blocking`]) instead, whatever runtime the caller is on, and dropping a query's future
-//! waits for the query (without diesel-async's `block_in_place`, which panics on a
-//! current-thread runtime), so the connection is never handed on mid-query.
-//!
-//! ```
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! use diesel_async::SimpleAsyncConnection;
-//! let pool = sqlite_pool::connect(
-//!     "sqlite::memory:",
-//!     4,
-//!     &["CREATE TABLE t (x INTEGER)"],
-//!     std::time::Duration::from_secs(2),
-//! )?;
-//! pool.get().await?.batch_execute("INSERT INTO t VALUES (1)").await?;
-//! # Ok(())
-//! # }
-//! ```
+//! SQLite (feature `sqlite`): [`Conn`] runs its blocking calls on the process-wide [`Blocking`]
+//! pool.
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -46,6 +19,8 @@ use diesel_async::{AsyncConnection, SimpleAsyncConnection};
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 
+use crate::PoolError;
+
 /// An async SQLite connection whose queries run on the [`Blocking`] pool.
 pub type Conn = SyncConnectionWrapper<SqliteConnection, Blocking>;
 
@@ -54,17 +29,6 @@ pub type Pool = DeadPool<Conn>;
 
 /// A connection checked out of a [`Pool`].
 pub type Object = diesel_async::pooled_connection::deadpool::Object<Conn>;
-
-/// Errors opening a pool.
-#[derive(Debug, thiserror::Error)]
-pub enum PoolError {
-    /// The URL names no database.
-    #[error("no database path in {0:?}")]
-    NoPath(String),
-    /// The pool could not be built.
-    #[error("building the SQLite pool: {0}")]
-    Build(String),
-}
 
 /// Run on every new connection: wait for a busy database instead of failing at once, let readers
 /// and the writer work concurrently (WAL), and fsync at checkpoints only.
