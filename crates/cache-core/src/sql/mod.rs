@@ -163,10 +163,13 @@ macro_rules! impl_sql_cache_store {
                 use $crate::sql::{EntryRow, query_error, schema::cache_entries};
 
                 let mut conn = self.conn().await?;
+                // `get_result`, not `first`: the key is the primary key, and `first`'s bound
+                // `LIMIT ?` made SQLite (built with STAT4) re-prepare the statement on every
+                // call, the most expensive part of an L1 miss.
                 let row: Option<EntryRow> = cache_entries::table
                     .find(key.to_hex())
                     .select(EntryRow::as_select())
-                    .first(&mut conn)
+                    .get_result(&mut conn)
                     .await
                     .optional()
                     .map_err(|e| query_error($backend, e))?;
