@@ -286,6 +286,26 @@ async fn check_store(store: Arc<dyn CacheStore>) {
 
     assert_eq!(s.purge(&PurgeFilter::default()).await.unwrap(), 2, "{name}");
     assert_holds(s, &[]).await;
+
+    // A batch: every entry stored, a key repeated in it ends with its last entry, and an
+    // empty batch is nothing.
+    s.put_many(Vec::new()).await.unwrap();
+    assert_holds(s, &[]).await;
+    let batch: Vec<Entry> = (0..5)
+        .map(|i| entry(&format!("batch {i}"), "a", "/r", NOW + 3600 * SEC))
+        .collect();
+    let mut replaced = entry("batch 0", "b", "/r2", NOW + 7200 * SEC);
+    replaced.body = Bytes::from_static(b"the second write of batch 0");
+    let mut writes: Vec<(CacheKey, Arc<Entry>)> = batch
+        .iter()
+        .map(|e| (key(e), Arc::new(e.clone())))
+        .collect();
+    writes.push((key(&replaced), Arc::new(replaced.clone())));
+    s.put_many(writes).await.unwrap();
+    s.flush().await.unwrap();
+    let expected: Vec<&Entry> = std::iter::once(&replaced).chain(&batch[1..]).collect();
+    assert_holds(s, &expected).await;
+    assert_eq!(s.purge(&PurgeFilter::default()).await.unwrap(), 5, "{name}");
 }
 
 /// Many writers at once (pool contention; SQLite's single writer).

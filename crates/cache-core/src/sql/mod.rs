@@ -137,6 +137,39 @@ pub(crate) fn query_error(backend: &'static str, e: diesel::result::Error) -> Ca
 /// type, and an SQL expression counting the bytes of all rows' bodies and signatures.
 macro_rules! impl_sql_cache_store {
     ($store:ty, $backend:literal, $db:ty, $bytes_sql:expr) => {
+        /// Inserts `row`, or replaces the row with its key.
+        async fn upsert<C>(conn: &mut C, row: &$crate::sql::EntryRow) -> diesel::QueryResult<()>
+        where
+            C: diesel_async::AsyncConnection<Backend = $db>,
+        {
+            use diesel::prelude::*;
+            use diesel::upsert::excluded;
+            use diesel_async::RunQueryDsl;
+            use $crate::sql::schema::cache_entries as t;
+
+            diesel::insert_into(t::table)
+                .values(row)
+                .on_conflict(t::key)
+                .do_update()
+                .set((
+                    t::signature.eq(excluded(t::signature)),
+                    t::upstream.eq(excluded(t::upstream)),
+                    t::route.eq(excluded(t::route)),
+                    t::status.eq(excluded(t::status)),
+                    t::headers.eq(excluded(t::headers)),
+                    t::body.eq(excluded(t::body)),
+                    t::stored_at.eq(excluded(t::stored_at)),
+                    t::fresh_until.eq(excluded(t::fresh_until)),
+                    t::swr_until.eq(excluded(t::swr_until)),
+                    t::sie_until.eq(excluded(t::sie_until)),
+                    t::expires_at.eq(excluded(t::expires_at)),
+                    t::cost.eq(excluded(t::cost)),
+                ))
+                .execute(conn)
+                .await
+                .map(|_| ())
+        }
+
         #[async_trait::async_trait]
         impl $crate::store::CacheStore for $store {
             fn name(&self) -> &'static str {
@@ -182,36 +215,39 @@ macro_rules! impl_sql_cache_store {
                 key: $crate::key::CacheKey,
                 entry: std::sync::Arc<$crate::entry::Entry>,
             ) -> $crate::error::Result<()> {
-                use diesel::prelude::*;
-                use diesel::upsert::excluded;
-                use diesel_async::RunQueryDsl;
-                use $crate::sql::schema::cache_entries as t;
                 use $crate::sql::{EntryRow, query_error};
 
                 let row = EntryRow::from_entry($backend, &key, &entry)?;
                 let mut conn = self.conn().await?;
-                diesel::insert_into(t::table)
-                    .values(&row)
-                    .on_conflict(t::key)
-                    .do_update()
-                    .set((
-                        t::signature.eq(excluded(t::signature)),
-                        t::upstream.eq(excluded(t::upstream)),
-                        t::route.eq(excluded(t::route)),
-                        t::status.eq(excluded(t::status)),
-                        t::headers.eq(excluded(t::headers)),
-                        t::body.eq(excluded(t::body)),
-                        t::stored_at.eq(excluded(t::stored_at)),
-                        t::fresh_until.eq(excluded(t::fresh_until)),
-                        t::swr_until.eq(excluded(t::swr_until)),
-                        t::sie_until.eq(excluded(t::sie_until)),
-                        t::expires_at.eq(excluded(t::expires_at)),
-                        t::cost.eq(excluded(t::cost)),
-                    ))
-                    .execute(&mut conn)
+                upsert(&mut conn, &row)
                     .await
-                    .map_err(|e| query_error($backend, e))?;
-                Ok(())
+                    .map_err(|e| query_error($backend, e))
+            }
+
+            /// One transaction for the whole batch: one commit instead of one per entry.
+            async fn put_many(
+                &self,
+                entries: Vec<($crate::key::CacheKey, std::sync::Arc<$crate::entry::Entry>)>,
+            ) -> $crate::error::Result<()> {
+                use diesel_async::AsyncConnection;
+                use $crate::sql::{EntryRow, query_error};
+
+                let rows = entries
+                    .iter()
+                    .map(|(key, entry)| EntryRow::from_entry($backend, key, entry))
+                    .collect::<$crate::error::Result<Vec<_>>>()?;
+                if rows.is_empty() {
+                    return Ok(());
+                }
+                let mut conn = self.conn().await?;
+                conn.transaction::<_, diesel::result::Error, _>(async |conn| {
+                    for row in &rows {
+                        upsert(conn, row).await?;
+                    }
+                    Ok(())
+                })
+                .await
+                .map_err(|e| query_error($backend, e))
             }
 
             async fn remove(&self, key: &$crate::key::CacheKey) -> $crate::error::Result<bool> {
