@@ -11,6 +11,7 @@ use bytes::{Bytes, BytesMut};
 use cache_core::{CacheKey, CacheStatus, CacheStore, PurgeFilter, Served};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 use crate::error::ApiError;
 use crate::gateway::{Gateway, ProxyRequest};
@@ -140,11 +141,16 @@ async fn ready(state: web::Data<AppState>) -> HttpResponse {
         },
     };
     // The gateway keeps serving when the database or Redis is down (L1, key cache, local
-    // limits): degraded, not unready.
-    let status = if database.state == "down" || redis.state == "down" {
-        "degraded"
-    } else {
+    // limits): degraded, not unready; `degraded` names the dependencies that are down.
+    let degraded: Vec<&str> = [("database", &database), ("redis", &redis)]
+        .into_iter()
+        .filter(|(_, d)| d.state == "down")
+        .map(|(name, _)| name)
+        .collect();
+    let status = if degraded.is_empty() {
         "ready"
+    } else {
+        "degraded"
     };
     let upstreams: serde_json::Map<String, serde_json::Value> = state
         .gateway
@@ -157,6 +163,7 @@ async fn ready(state: web::Data<AppState>) -> HttpResponse {
         .collect();
     HttpResponse::Ok().json(serde_json::json!({
         "status": status,
+        "degraded": degraded,
         "dependencies": {
             "database": database,
             "redis": redis,
@@ -181,6 +188,12 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     if let Some(t) = &g.tier_stats {
         m.cache_l2_errors.set(get(&t.l2_errors));
         m.cache_l2_hits.set(get(&t.l2_hits));
+        m.cache_l2_skipped.set(get(&t.l2_skipped));
+    }
+    if let Some(q) = &g.limits.sql_quotas {
+        let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        m.quota_pending.set(clamp(q.pending()));
+        m.quota_dropped.set(clamp(q.dropped()));
     }
     m.in_flight_fetches.set(g.cache.in_flight() as f64);
     for (name, up) in &g.upstreams {
@@ -427,7 +440,10 @@ async fn proxy(
     state: web::Data<AppState>,
 ) -> HttpResponse {
     let rid = state.request_id(&req);
-    match proxy_inner(&req, payload, &state).await {
+    // Every event logged while serving this request (and its upstream fetch) carries the
+    // request id. At ERROR level so that the span is enabled whenever any event is.
+    let span = tracing::error_span!("request", request_id = %rid);
+    match proxy_inner(&req, payload, &state).instrument(span).await {
         Ok((served, rate)) => {
             let mut resp = respond(&req, &served, &rid, &state);
             if let Some(h) = rate {

@@ -25,6 +25,8 @@ use crate::gateway::RouteRuntime;
 pub struct Limits {
     pub limiter: Arc<dyn RateLimiter>,
     pub quotas: Arc<dyn QuotaStore>,
+    /// The quota store when it is SQL-backed, for its buffer metrics (pending, dropped).
+    pub sql_quotas: Option<ratelimit::SqlQuotaStore>,
     per_ip: Option<Limit>,
     per_client: Option<Limit>,
     count_cache_hits: bool,
@@ -95,6 +97,7 @@ impl Limits {
         Limits {
             limiter,
             quotas,
+            sql_quotas: None,
             per_ip: config.limits.per_ip.as_ref().map(limit_of),
             per_client: config.limits.per_client.as_ref().map(limit_of),
             count_cache_hits: config.auth.count_cache_hits,

@@ -23,6 +23,13 @@ pub struct Metrics {
     pub cache_store_errors: IntGauge,
     pub cache_l2_errors: IntGauge,
     pub cache_l2_hits: IntGauge,
+    pub cache_l2_skipped: IntGauge,
+    /// 1 while a dependency (`database`, `redis`) answers its health check, 0 while it does not.
+    pub dependency_up: IntGaugeVec,
+    /// Quota increments that could not be kept for the database (in-memory buffer full).
+    pub quota_dropped: IntGauge,
+    /// Quota increments counted in memory, not yet written to the database.
+    pub quota_pending: IntGauge,
     pub prewarm_runs: IntCounter,
     pub breaker_state: IntGaugeVec,
     pub upstream_retries: IntGaugeVec,
@@ -149,6 +156,25 @@ impl Metrics {
             "tollgate_cache_l2_hits_total",
             "Lookups answered by the L2 cache",
         )?;
+        let cache_l2_skipped = IntGauge::new(
+            "tollgate_cache_l2_skipped_total",
+            "L2 (database) cache reads and writes not attempted because the database failed moments ago",
+        )?;
+        let dependency_up = IntGaugeVec::new(
+            Opts::new(
+                "tollgate_dependency_up",
+                "Whether a dependency answers its health check (1) or not (0)",
+            ),
+            &["dependency"],
+        )?;
+        let quota_dropped = IntGauge::new(
+            "tollgate_quota_dropped_total",
+            "Quota increments not counted because the database was down and the in-memory buffer was full",
+        )?;
+        let quota_pending = IntGauge::new(
+            "tollgate_quota_pending",
+            "Quota increments counted in memory and not yet written to the database",
+        )?;
         let prewarm_runs =
             IntCounter::new("tollgate_prewarm_fetches_total", "Pre-warming fetches")?;
         let breaker_state = IntGaugeVec::new(
@@ -194,6 +220,10 @@ impl Metrics {
         registry.register(Box::new(cache_store_errors.clone()))?;
         registry.register(Box::new(cache_l2_errors.clone()))?;
         registry.register(Box::new(cache_l2_hits.clone()))?;
+        registry.register(Box::new(cache_l2_skipped.clone()))?;
+        registry.register(Box::new(dependency_up.clone()))?;
+        registry.register(Box::new(quota_dropped.clone()))?;
+        registry.register(Box::new(quota_pending.clone()))?;
         registry.register(Box::new(prewarm_runs.clone()))?;
         registry.register(Box::new(breaker_state.clone()))?;
         registry.register(Box::new(upstream_retries.clone()))?;
@@ -216,6 +246,10 @@ impl Metrics {
             cache_store_errors,
             cache_l2_errors,
             cache_l2_hits,
+            cache_l2_skipped,
+            dependency_up,
+            quota_dropped,
+            quota_pending,
             prewarm_runs,
             breaker_state,
             upstream_retries,

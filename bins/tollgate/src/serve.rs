@@ -82,6 +82,11 @@ async fn run(cfg: Arc<Config>, db: Database) -> anyhow::Result<()> {
         Some(Arc::clone(tiered.stats())),
         keys.clone(),
     )?);
+    let monitor = tokio::spawn(monitor_dependencies(
+        Arc::clone(&l2),
+        redis.clone(),
+        Arc::clone(&gateway.metrics),
+    ));
     let state = web::Data::new(AppState::new(
         Arc::clone(&gateway),
         Some(l2),
@@ -111,7 +116,7 @@ async fn run(cfg: Arc<Config>, db: Database) -> anyhow::Result<()> {
     let server = server.run();
 
     // Revocations made on other nodes reach this one within two seconds.
-    let mut tasks = vec![keys.spawn_revocation_sync(Duration::from_secs(2))];
+    let mut tasks = vec![keys.spawn_revocation_sync(Duration::from_secs(2)), monitor];
     tasks.extend(limit_tasks);
     tasks.push(tokio::spawn(sweeper(
         Arc::clone(&tiered),
@@ -171,8 +176,10 @@ fn build_limits(cfg: &Config) -> anyhow::Result<LimitParts> {
     let tasks = vec![tokio::spawn(local.cleanup_task(Duration::from_secs(60)))];
     if cfg.storage.redis_url.is_empty() {
         let limiter: Arc<dyn RateLimiter> = Arc::new(local);
-        let quotas = Arc::new(SqlQuotaStore::new(quota_db));
-        return Ok((Arc::new(Limits::new(limiter, quotas, cfg)), None, tasks));
+        let quotas = SqlQuotaStore::new(quota_db);
+        let mut limits = Limits::new(limiter, Arc::new(quotas.clone()), cfg);
+        limits.sql_quotas = Some(quotas);
+        return Ok((Arc::new(limits), None, tasks));
     }
     let mut options = RedisOptions::new(cfg.storage.redis_url.clone());
     options.response_timeout = cfg.limits.redis_timeout;
@@ -198,6 +205,57 @@ fn build_limits(cfg: &Config) -> anyhow::Result<LimitParts> {
         Some(backend),
         tasks,
     ))
+}
+
+/// Probes the database and Redis every second (each answer awaited at most a second): sets
+/// `tollgate_dependency_up` and logs each change of state once (down at `warn`, up at `info`).
+/// Requests never wait on this; they skip a failed dependency on their own.
+async fn monitor_dependencies(
+    database: Arc<dyn CacheStore>,
+    redis: Option<ratelimit::RedisBackend>,
+    metrics: Arc<Metrics>,
+) {
+    const EVERY: Duration = Duration::from_secs(1);
+    let mut up = [true, true];
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let db = match tokio::time::timeout(EVERY, database.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {EVERY:?}")),
+        };
+        let rd = match &redis {
+            None => None,
+            Some(r) => Some(match tokio::time::timeout(EVERY, r.ping()).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {EVERY:?}")),
+            }),
+        };
+        for (i, (name, probe)) in [("database", Some(db)), ("redis", rd)]
+            .into_iter()
+            .enumerate()
+        {
+            let Some(probe) = probe else { continue };
+            metrics
+                .dependency_up
+                .with_label_values(&[name])
+                .set(i64::from(probe.is_ok()));
+            match probe {
+                Err(error) if up[i] => {
+                    up[i] = false;
+                    tracing::warn!(dependency = name, %error, "dependency down: serving degraded");
+                }
+                Ok(()) if !up[i] => {
+                    up[i] = true;
+                    tracing::info!(dependency = name, "dependency up again");
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 /// Removes expired L2 rows in bounded batches, every `interval`.

@@ -4,6 +4,8 @@
 //! Every test starts its own mock and its own gateway process (on a config and SQLite file in
 //! a temporary directory), so the tests run in parallel.
 
+// Not every helper of the shared support module is used here.
+#[allow(dead_code)]
 mod support;
 
 use std::sync::Arc;

@@ -16,15 +16,13 @@
 mod support;
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mock_upstream::MockUpstream;
 use reqwest::Method;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use support::{ADMIN_TOKEN, Gateway, Resp, run_cli};
+use support::{ADMIN_TOKEN, Gateway, PrivateRedis, Resp, in_ci, run_cli};
 
 // === helpers ===
 
@@ -128,26 +126,7 @@ async fn create_key_cli(gw: &Gateway, name: &str, args: &[&str]) -> Key {
 /// `POST /admin/keys` with the admin token; `body` needs a `name`.
 async fn create_key_api(gw: &Gateway, body: Value) -> Key {
     let name = body["name"].as_str().expect("a name").to_string();
-    let r = gw
-        .send(
-            gw.request(Method::POST, "/admin/keys")
-                .bearer_auth(ADMIN_TOKEN)
-                .json(&body),
-        )
-        .await;
-    assert!(
-        (200..300).contains(&r.status),
-        "POST /admin/keys {body}: {} {}",
-        r.status,
-        r.text()
-    );
-    parse_created(r.json(), &name)
-}
-
-/// `GET path` with `Authorization: Bearer KEY`.
-async fn get_bearer(gw: &Gateway, path: &str, key: &str) -> Resp {
-    gw.send(gw.request(Method::GET, path).bearer_auth(key))
-        .await
+    parse_created(gw.create_key(&body).await, &name)
 }
 
 /// `GET path` with `X-Api-Key: KEY`.
@@ -214,11 +193,6 @@ fn wrong_key(key: &str) -> String {
     String::from_utf8(bytes).expect("ASCII")
 }
 
-/// Whether the environment asks backend suites to run for sure (CI sets it).
-fn in_ci() -> bool {
-    std::env::var_os("CI").is_some()
-}
-
 /// `TOLLGATE_TEST_REDIS_URL`; `None` (after printing why) when unset outside CI.
 fn test_redis_url(test: &str) -> Option<String> {
     match std::env::var("TOLLGATE_TEST_REDIS_URL") {
@@ -277,7 +251,7 @@ async fn auth_required_401_without_or_with_wrong_key_200_with_created_keys() {
         wrong_key(&api.key),
         "tg_nope".to_string(),
     ] {
-        get_bearer(&gw, "/demo/items/1", &wrong)
+        gw.get_bearer("/demo/items/1", &wrong)
             .await
             .assert_error(401, "unauthorized");
         get_x_api_key(&gw, "/demo/items/1", &wrong)
@@ -292,7 +266,7 @@ async fn auth_required_401_without_or_with_wrong_key_200_with_created_keys() {
 
     // Good keys, in both header forms.
     for k in [&cli, &api] {
-        assert_ok(&get_bearer(&gw, "/demo/items/1", &k.key).await);
+        assert_ok(&gw.get_bearer("/demo/items/1", &k.key).await);
         assert_ok(&get_x_api_key(&gw, "/demo/items/2", &k.key).await);
     }
     // The client's key is never forwarded upstream.
@@ -369,7 +343,7 @@ async fn key_and_route_rate_limits_count_down_then_429_with_retry_after() {
 
     // The key's own limit: 3 answers counting down, then 429 rate_limited.
     for (i, expect_remaining) in [2, 1, 0].into_iter().enumerate() {
-        let r = get_bearer(&gw, &format!("/demo/items/{i}"), &key.key).await;
+        let r = gw.get_bearer(&format!("/demo/items/{i}"), &key.key).await;
         assert_ok(&r);
         assert_eq!(num_header(&r, "ratelimit-limit"), 3, "{:?}", r.headers);
         assert_eq!(
@@ -384,7 +358,7 @@ async fn key_and_route_rate_limits_count_down_then_429_with_retry_after() {
             "RateLimit-Reset {reset} for a per-minute limit"
         );
     }
-    let r = get_bearer(&gw, "/demo/items/0", &key.key).await;
+    let r = gw.get_bearer("/demo/items/0", &key.key).await;
     let retry_after = assert_429(&r, "rate_limited");
     assert!(
         retry_after <= 60,
@@ -399,7 +373,9 @@ async fn key_and_route_rate_limits_count_down_then_429_with_retry_after() {
     // A route's rate limit applies per key on that route, on top of the key's own.
     let other = create_key_api(&gw, json!({"name": "route"})).await;
     for (i, expect_remaining) in [1, 0].into_iter().enumerate() {
-        let r = get_bearer(&gw, &format!("/demo/limited/{i}"), &other.key).await;
+        let r = gw
+            .get_bearer(&format!("/demo/limited/{i}"), &other.key)
+            .await;
         assert_ok(&r);
         assert_eq!(num_header(&r, "ratelimit-limit"), 2, "{:?}", r.headers);
         assert_eq!(
@@ -409,12 +385,15 @@ async fn key_and_route_rate_limits_count_down_then_429_with_retry_after() {
             r.headers
         );
     }
-    let r = get_bearer(&gw, "/demo/limited/0", &other.key).await;
+    let r = gw.get_bearer("/demo/limited/0", &other.key).await;
     let retry_after = assert_429(&r, "rate_limited");
     assert!(retry_after <= 60, "Retry-After {retry_after} for 2/min");
     // The same key elsewhere is not limited by that route.
     for i in 0..3 {
-        assert_ok(&get_bearer(&gw, &format!("/demo/items/other-{i}"), &other.key).await);
+        assert_ok(
+            &gw.get_bearer(&format!("/demo/items/other-{i}"), &other.key)
+                .await,
+        );
     }
 }
 
@@ -435,13 +414,13 @@ async fn per_ip_limit_answers_429_before_auth() {
             .assert_error(401, "unauthorized");
     }
     // Now even a good key is refused by the ingress limit, and a wrong one is not told 401.
-    let r = get_bearer(&gw, "/demo/items/1", &key.key).await;
+    let r = gw.get_bearer("/demo/items/1", &key.key).await;
     assert_429(&r, "rate_limited");
     assert_eq!(num_header(&r, "ratelimit-limit"), 3, "{:?}", r.headers);
     assert_eq!(num_header(&r, "ratelimit-remaining"), 0, "{:?}", r.headers);
     assert_429(&gw.get("/demo/items/1").await, "rate_limited");
     assert_429(
-        &get_bearer(&gw, "/demo/items/1", &wrong_key(&key.key)).await,
+        &gw.get_bearer("/demo/items/1", &wrong_key(&key.key)).await,
         "rate_limited",
     );
     assert_eq!(mock.calls(), 0);
@@ -463,7 +442,7 @@ async fn daily_quota_answers_quota_exceeded_until_utc_midnight() {
     assert_eq!(key.json["daily_quota"], 2, "{}", key.json);
 
     // A miss and a hit: with count_cache_hits, both count.
-    let r = get_bearer(&gw, "/demo/items/q", &key.key).await;
+    let r = gw.get_bearer("/demo/items/q", &key.key).await;
     assert_ok(&r);
     assert_eq!(r.x_cache(), "MISS");
     assert_eq!(num_header(&r, "ratelimit-limit"), 2, "{:?}", r.headers);
@@ -475,7 +454,7 @@ async fn daily_quota_answers_quota_exceeded_until_utc_midnight() {
 
     let expected = secs_to_utc_midnight();
     for path in ["/demo/items/q", "/demo/items/other"] {
-        let r = get_bearer(&gw, path, &key.key).await;
+        let r = gw.get_bearer(path, &key.key).await;
         let retry_after = assert_429(&r, "quota_exceeded");
         // Seconds to the next UTC midnight, with some slack (and across midnight itself).
         let diff = retry_after.abs_diff(expected);
@@ -495,7 +474,7 @@ async fn revoked_keys_are_forbidden_via_admin_api_at_once_and_via_cli_within_5s(
 
     // The admin API revokes on this node at once.
     let a = create_key_api(&gw, json!({"name": "revoke-api"})).await;
-    assert_ok(&get_bearer(&gw, "/demo/items/1", &a.key).await);
+    assert_ok(&gw.get_bearer("/demo/items/1", &a.key).await);
     let r = gw
         .send(
             gw.request(Method::DELETE, &format!("/admin/keys/{}", a.id))
@@ -503,7 +482,7 @@ async fn revoked_keys_are_forbidden_via_admin_api_at_once_and_via_cli_within_5s(
         )
         .await;
     assert_ok(&r);
-    get_bearer(&gw, "/demo/items/1", &a.key)
+    gw.get_bearer("/demo/items/1", &a.key)
         .await
         .assert_error(403, "forbidden");
     get_x_api_key(&gw, "/demo/items/2", &a.key)
@@ -516,13 +495,13 @@ async fn revoked_keys_are_forbidden_via_admin_api_at_once_and_via_cli_within_5s(
     // The CLI revokes in the database; the running gateway (which has the key cached) stops
     // accepting it within 5 s.
     let b = create_key_cli(&gw, "revoke-cli", &[]).await;
-    assert_ok(&get_bearer(&gw, "/demo/items/1", &b.key).await);
-    assert_ok(&get_bearer(&gw, "/demo/items/1", &b.key).await);
+    assert_ok(&gw.get_bearer("/demo/items/1", &b.key).await);
+    assert_ok(&gw.get_bearer("/demo/items/1", &b.key).await);
     let out = run_cli(&["keys", "revoke", &b.id, "--config", &config_arg(&gw)]).await;
     assert!(out.success(), "keys revoke: {out:?}");
     let revoked_at = Instant::now();
     loop {
-        let r = get_bearer(&gw, "/demo/items/1", &b.key).await;
+        let r = gw.get_bearer("/demo/items/1", &b.key).await;
         if r.status == 403 {
             r.assert_error(403, "forbidden");
             break;
@@ -564,11 +543,11 @@ async fn expired_key_is_forbidden() {
         "expires_at {expires_at} is {lifetime} ms away for expires_in 2s"
     );
     // Before it expires (and so cached on the hot path).
-    assert_ok(&get_bearer(&gw, "/demo/items/1", &key.key).await);
+    assert_ok(&gw.get_bearer("/demo/items/1", &key.key).await);
     // Just past it.
     let wait = u64::try_from(expires_at + 150 - now_millis()).unwrap_or(0);
     tokio::time::sleep(Duration::from_millis(wait)).await;
-    get_bearer(&gw, "/demo/items/1", &key.key)
+    gw.get_bearer("/demo/items/1", &key.key)
         .await
         .assert_error(403, "forbidden");
     get_x_api_key(&gw, "/demo/items/2", &key.key)
@@ -589,20 +568,20 @@ async fn spend_budget_stops_misses_but_cache_hits_still_succeed() {
     let key = create_key_cli(&gw, "budget", &["--daily-budget", "0.05"]).await;
     assert_eq!(key.json["daily_budget"], 0.05, "{}", key.json);
 
-    let a = get_bearer(&gw, "/demo/items/a", &key.key).await;
+    let a = gw.get_bearer("/demo/items/a", &key.key).await;
     assert_ok(&a);
     assert_eq!(
         (a.x_cache(), a.header("x-upstream-cost")),
         ("MISS", Some("0.03"))
     );
     // 0.03 spent, under 0.05: another miss is allowed, and crosses the budget (0.06).
-    let b = get_bearer(&gw, "/demo/items/b", &key.key).await;
+    let b = gw.get_bearer("/demo/items/b", &key.key).await;
     assert_ok(&b);
     assert_eq!(b.x_cache(), "MISS");
     assert_eq!(mock.calls(), 2);
 
     // Over the budget: a miss is refused, without an upstream call.
-    let c = get_bearer(&gw, "/demo/items/c", &key.key).await;
+    let c = gw.get_bearer("/demo/items/c", &key.key).await;
     assert_429(&c, "quota_exceeded");
     assert_eq!(
         mock.calls(),
@@ -619,19 +598,16 @@ async fn spend_budget_stops_misses_but_cache_hits_still_succeed() {
             "{path}"
         );
     }
-    assert_eq!(
-        a.body,
-        get_bearer(&gw, "/demo/items/a", &key.key).await.body
-    );
+    assert_eq!(a.body, gw.get_bearer("/demo/items/a", &key.key).await.body);
     assert_429(
-        &get_bearer(&gw, "/demo/items/c", &key.key).await,
+        &gw.get_bearer("/demo/items/c", &key.key).await,
         "quota_exceeded",
     );
     assert_eq!(mock.calls(), 2);
 
     // Another key is not affected by this one's budget.
     let other = create_key_api(&gw, json!({"name": "other", "daily_budget": 0.05})).await;
-    let r = get_bearer(&gw, "/demo/items/c", &other.key).await;
+    let r = gw.get_bearer("/demo/items/c", &other.key).await;
     assert_ok(&r);
     assert_eq!(r.x_cache(), "MISS");
 }
@@ -682,9 +658,9 @@ async fn plaintext_key_is_absent_from_the_sqlite_files_logs_and_metrics() {
     )
     .await;
     for k in [&cli, &api] {
-        assert_ok(&get_bearer(&gw, "/demo/items/1", &k.key).await);
+        assert_ok(&gw.get_bearer("/demo/items/1", &k.key).await);
         assert_ok(&get_x_api_key(&gw, "/demo/items/2", &k.key).await);
-        get_bearer(&gw, "/demo/items/1", &wrong_key(&k.key))
+        gw.get_bearer("/demo/items/1", &wrong_key(&k.key))
             .await
             .assert_error(401, "unauthorized");
     }
@@ -729,14 +705,14 @@ async fn plaintext_key_is_absent_from_the_sqlite_files_logs_and_metrics() {
 async fn quota_counters_survive_a_gateway_restart() {
     let (_mock, mut gw) = setup("[auth]\nrequired = true\n", "", &[items_route("")]).await;
     let key = create_key_cli(&gw, "restart", &["--daily-limit", "3"]).await;
-    assert_ok(&get_bearer(&gw, "/demo/items/1", &key.key).await);
-    let r = get_bearer(&gw, "/demo/items/2", &key.key).await;
+    assert_ok(&gw.get_bearer("/demo/items/1", &key.key).await);
+    let r = gw.get_bearer("/demo/items/2", &key.key).await;
     assert_ok(&r);
     assert_eq!(num_header(&r, "ratelimit-remaining"), 1, "{:?}", r.headers);
 
     gw.restart().await;
 
-    let r = get_bearer(&gw, "/demo/items/3", &key.key).await;
+    let r = gw.get_bearer("/demo/items/3", &key.key).await;
     assert_ok(&r);
     assert_eq!(
         num_header(&r, "ratelimit-remaining"),
@@ -746,7 +722,7 @@ async fn quota_counters_survive_a_gateway_restart() {
         gw.stderr()
     );
     assert_429(
-        &get_bearer(&gw, "/demo/items/4", &key.key).await,
+        &gw.get_bearer("/demo/items/4", &key.key).await,
         "quota_exceeded",
     );
 }
@@ -786,7 +762,7 @@ async fn anonymous_clients_are_limited_per_client_id() {
     );
     let c = unique("client-c");
     assert_ok(&get_as_client(&gw, "/demo/items/0", &c).await);
-    get_bearer(&gw, "/demo/items/0", "tg_not-a-key")
+    gw.get_bearer("/demo/items/0", "tg_not-a-key")
         .await
         .assert_error(401, "unauthorized");
 }
@@ -964,105 +940,6 @@ async fn redis_shared_limit_is_exact_across_four_gateways() {
 
 // === 11. Redis outage ===
 
-/// A private `redis-server` on a free port of 127.0.0.1, without persistence; killed on drop.
-struct PrivateRedis {
-    child: Option<std::process::Child>,
-    port: u16,
-}
-
-impl PrivateRedis {
-    /// Starts one on a free port; `None` when there is no `redis-server` binary.
-    async fn start() -> Option<PrivateRedis> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("binding an ephemeral port")
-            .port();
-        let mut r = PrivateRedis { child: None, port };
-        if !r.spawn() {
-            return None;
-        }
-        r.wait_up().await;
-        Some(r)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn spawn(&mut self) -> bool {
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        match child {
-            Ok(c) => {
-                self.child = Some(c);
-                true
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-            Err(e) => panic!("starting redis-server: {e}"),
-        }
-    }
-
-    /// Whether it answers `PING` now.
-    async fn pong(&self) -> bool {
-        let attempt = async {
-            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await?;
-            s.write_all(b"PING\r\n").await?;
-            let mut buf = [0u8; 16];
-            let n = s.read(&mut buf).await?;
-            Ok::<_, std::io::Error>(buf[..n].starts_with(b"+PONG"))
-        };
-        matches!(
-            tokio::time::timeout(Duration::from_millis(500), attempt).await,
-            Ok(Ok(true))
-        )
-    }
-
-    async fn wait_up(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.pong().await {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!("redis-server on port {} exited: {status}", self.port);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on port {} did not answer PING within 10 s",
-                self.port
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Kills it (SIGKILL) and waits for it to exit.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Starts it again on the same port.
-    async fn restart(&mut self) {
-        self.kill();
-        assert!(self.spawn(), "redis-server disappeared");
-        self.wait_up().await;
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// `/ready`'s redis state and overall status.
 async fn ready_state(gw: &Gateway) -> (String, String, Value) {
     let r = gw.get("/ready").await;
@@ -1153,7 +1030,7 @@ async fn redis_outage_fail_open_local_share_fail_closed_429_exact_after_return()
     }
     // A key with a quota (counted in Redis), known to the fail-open gateway.
     let key = create_key_api(&open, json!({"name": "outage", "daily_limit": 100})).await;
-    assert_ok(&get_bearer(&open, "/demo/items/key", &key.key).await);
+    assert_ok(&open.get_bearer("/demo/items/key", &key.key).await);
 
     redis.kill();
 
@@ -1179,7 +1056,7 @@ async fn redis_outage_fail_open_local_share_fail_closed_429_exact_after_return()
     );
     // A key still authenticates: no misleading 401/403 (nor 5xx) because Redis is down.
     let started = Instant::now();
-    let r = get_bearer(&open, "/demo/items/key2", &key.key).await;
+    let r = open.get_bearer("/demo/items/key2", &key.key).await;
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "{:?}",

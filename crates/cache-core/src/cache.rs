@@ -371,7 +371,8 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
         Fut: Future<Output = Result<Fetched, E>> + Send + 'static,
     {
         let inner = Arc::clone(&self.inner);
-        tokio::spawn(async move {
+        // The fetch runs in the span of the request that started it (its request id in logs).
+        let task = async move {
             let result = match fetch().await {
                 Err(e) => Flight::Failed(e),
                 Ok(f) => {
@@ -402,7 +403,8 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
                 }
             };
             leader.complete(result);
-        });
+        };
+        tokio::spawn(tracing::Instrument::in_current_span(task));
     }
 
     /// The key a request would be stored under.

@@ -281,6 +281,31 @@ impl Gateway {
         Resp::read(resp).await
     }
 
+    /// `GET path` with `Authorization: Bearer KEY`.
+    pub async fn get_bearer(&self, path: &str, key: &str) -> Resp {
+        self.send(self.request(reqwest::Method::GET, path).bearer_auth(key))
+            .await
+    }
+
+    /// `POST /admin/keys` with the admin token and `body` (which needs a `name`); asserts a 2xx
+    /// and returns the answer (`{"id", "key": "tg_…", "name", …}`).
+    pub async fn create_key(&self, body: &serde_json::Value) -> serde_json::Value {
+        let r = self
+            .send(
+                self.request(reqwest::Method::POST, "/admin/keys")
+                    .bearer_auth(ADMIN_TOKEN)
+                    .json(body),
+            )
+            .await;
+        assert!(
+            (200..300).contains(&r.status),
+            "POST /admin/keys {body}: {} {}",
+            r.status,
+            r.text()
+        );
+        r.json()
+    }
+
     /// The `/metrics` text.
     pub async fn metrics(&self) -> String {
         let r = self.get("/metrics").await;
@@ -502,4 +527,284 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         }
     }
     total
+}
+
+/// Whether the environment asks backend suites to run for sure (CI sets it): a missing service
+/// or binary then fails the test instead of skipping it.
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some()
+}
+
+/// A private `redis-server` on a free port of 127.0.0.1, without persistence; killed on drop.
+pub struct PrivateRedis {
+    child: Option<std::process::Child>,
+    port: u16,
+}
+
+impl PrivateRedis {
+    /// Starts one on a free port; `None` when there is no `redis-server` binary.
+    pub async fn start() -> Option<PrivateRedis> {
+        let mut r = PrivateRedis {
+            child: None,
+            port: free_port(),
+        };
+        if !r.spawn() {
+            return None;
+        }
+        r.wait_up().await;
+        Some(r)
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) -> bool {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        match child {
+            Ok(c) => {
+                self.child = Some(c);
+                true
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => panic!("starting redis-server: {e}"),
+        }
+    }
+
+    /// Whether it answers `PING` now.
+    async fn pong(&self) -> bool {
+        use tokio::io::AsyncWriteExt;
+        let attempt = async {
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await?;
+            s.write_all(b"PING\r\n").await?;
+            let mut buf = [0u8; 16];
+            let n = s.read(&mut buf).await?;
+            Ok::<_, std::io::Error>(buf[..n].starts_with(b"+PONG"))
+        };
+        matches!(
+            tokio::time::timeout(Duration::from_millis(500), attempt).await,
+            Ok(Ok(true))
+        )
+    }
+
+    async fn wait_up(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.pong().await {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("redis-server on port {} exited: {status}", self.port);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not answer PING within 10 s",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills it (SIGKILL) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub async fn restart(&mut self) {
+        self.kill();
+        assert!(self.spawn(), "redis-server disappeared");
+        self.wait_up().await;
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A private PostgreSQL cluster (`initdb` in a temporary directory, trust authentication for
+/// user `postgres`) listening on a free port of 127.0.0.1; stopped (immediately) on drop.
+///
+/// PostgreSQL refuses to run as root: when the tests run as root, its commands run as the
+/// `postgres` OS user (`runuser -u postgres --`), in a directory that user may write.
+pub struct PrivatePostgres {
+    bin: PathBuf,
+    dir: TempDir,
+    port: u16,
+    as_postgres_user: bool,
+}
+
+impl PrivatePostgres {
+    /// The directory of `initdb` / `pg_ctl`: the newest `/usr/lib/postgresql/*/bin`, else the
+    /// `PATH`'s.
+    fn find_bin() -> Option<PathBuf> {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|bin| bin.join("initdb").is_file() && bin.join("pg_ctl").is_file())
+            .collect();
+        // Numeric versions: 9.6 < 15 < 16.
+        dirs.sort_by_key(|bin| {
+            bin.parent()
+                .and_then(Path::file_name)
+                .and_then(|v| v.to_str())
+                .and_then(|v| v.split('.').next())
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(0)
+        });
+        dirs.pop().or_else(|| {
+            std::env::var_os("PATH")
+                .and_then(|path| std::env::split_paths(&path).find(|d| d.join("initdb").is_file()))
+        })
+    }
+
+    /// A new cluster, started; `None` when the PostgreSQL server binaries are not installed.
+    pub async fn start() -> Option<PrivatePostgres> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let bin = Self::find_bin()?;
+        let dir = tempfile::Builder::new()
+            .prefix("tollgate-pg-")
+            .tempdir()
+            .expect("creating a temporary directory");
+        // /proc/self belongs to the effective user.
+        let as_postgres_user = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+        if as_postgres_user {
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+                .expect("opening the temporary directory to the postgres user");
+        }
+        let pg = PrivatePostgres {
+            bin,
+            dir,
+            port: free_port(),
+            as_postgres_user,
+        };
+        let data = pg.data_dir();
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                &data,
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
+        )
+        .await;
+        pg.start_again().await;
+        Some(pg)
+    }
+
+    fn data_dir(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    /// `program` from the server's bin directory, as the `postgres` user when we are root.
+    fn command(&self, program: &str) -> std::process::Command {
+        let program = self.bin.join(program);
+        if self.as_postgres_user {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            std::process::Command::new(program)
+        }
+    }
+
+    /// `program ARGS` from the server's bin directory (as the `postgres` user when we are
+    /// root); panics with its output unless it succeeds within 60 s.
+    async fn run(&self, program: &str, args: &[&str]) {
+        let mut cmd = Command::from(self.command(program));
+        let program = self.bin.join(program);
+        cmd.args(args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+            .await
+            .unwrap_or_else(|_| panic!("{} {args:?} took over 60 s", program.display()))
+            .unwrap_or_else(|e| panic!("running {}: {e}", program.display()));
+        assert!(
+            out.status.success(),
+            "{} {args:?}: {}\nstdout: {}\nstderr: {}\nserver log:\n{}",
+            program.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+        );
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT/postgres`.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Starts the server (again: same data directory, same port) and waits until it accepts
+    /// connections.
+    pub async fn start_again(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("postgres.log").display().to_string();
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data_dir(),
+                "-l",
+                &log,
+                "-o",
+                &options,
+                "-w",
+                "-t",
+                "30",
+                "start",
+            ],
+        )
+        .await;
+    }
+
+    /// Crashes it: `pg_ctl -m immediate stop` (no shutdown checkpoint; recovery on restart).
+    pub async fn stop_immediately(&self) {
+        self.run(
+            "pg_ctl",
+            &["-D", &self.data_dir(), "-m", "immediate", "-w", "stop"],
+        )
+        .await;
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let data = self.data_dir();
+        // Already stopped is fine: the temporary directory goes either way.
+        let _ = self
+            .command("pg_ctl")
+            .args(["-D", &data, "-m", "immediate", "-w", "stop"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
 }

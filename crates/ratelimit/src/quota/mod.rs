@@ -154,6 +154,9 @@ pub(crate) struct Counter {
     pub(crate) pending: u64,
     /// Flushes since the counter was last used.
     pub(crate) idle: u32,
+    /// Created while the database was down, so its stored total is not known: `used` holds only
+    /// this process's increments until a flush succeeds (SQL store only).
+    pub(crate) unloaded: bool,
 }
 
 impl Counter {

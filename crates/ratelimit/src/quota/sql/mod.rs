@@ -4,15 +4,17 @@
 //! Both backends share the schema and the queries: the `quota_queries!` macro expands the same
 //! diesel code for each backend's connection type; only connecting differs.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
 
-use super::{Counter, CounterKey, QuotaDecision, QuotaStore, Window};
+use super::{Counter, CounterKey, QuotaDecision, QuotaStore, Window, try_add};
 use crate::clock::UnixMillis;
-use crate::error::Result;
+use crate::error::{RateLimitError, Result};
 
 /// How long a request waits for a pooled connection, for a new connection, or for a recycle
 /// check: a dead database fails an operation after this, never stalls it.
@@ -230,6 +232,10 @@ impl QuotaDb {
 /// Flushes without any use before a counter is dropped from memory (reloaded on next use).
 const EVICT_AFTER_IDLE_FLUSHES: u32 = 60;
 
+/// Most counters created while the database is down (their stored totals unknown). Past it,
+/// new subjects are not counted until the database returns ([`SqlQuotaStore::dropped`]).
+const MAX_UNLOADED_COUNTERS: usize = 10_000;
+
 /// A [`QuotaStore`] persisted in SQL (features `sqlite` / `postgres`): the embedded default.
 ///
 /// The hot path is in-process: a `consume` checks and counts in memory (a sharded map, no
@@ -241,6 +247,14 @@ const EVICT_AFTER_IDLE_FLUSHES: u32 = 60;
 /// **Durability.** A crash loses at most the increments of one flush interval (those counted
 /// since the last flush); a clean shutdown that calls `flush()` loses nothing. A failed flush
 /// keeps its deltas and retries them with the next one.
+///
+/// **Database down.** Counters already in memory go on counting, their deltas kept until a
+/// flush succeeds (one `u64` per counter, however long the outage). A subject first used while
+/// the database cannot be read gets a counter that starts from zero (its stored total unknown:
+/// the quota may then overshoot by that total until the database returns) whose increments are
+/// written as deltas like any other. At most 10 000 such counters are created; past that,
+/// `consume` for a new subject fails as the database does and the amount is counted in
+/// [`dropped`](SqlQuotaStore::dropped).
 ///
 /// **Several nodes on one database** (no Redis): each node counts in its own memory and adds
 /// its deltas to the shared rows; a flush also reads back the row's total, so a node sees the
@@ -258,6 +272,10 @@ pub struct SqlQuotaStore {
 struct SqlInner {
     db: QuotaDb,
     counters: DashMap<CounterKey, Counter>,
+    /// Counters with [`Counter::unloaded`] set.
+    unloaded: AtomicUsize,
+    /// Amounts not counted because too many counters were unloaded.
+    dropped: AtomicU64,
     flush_lock: tokio::sync::Mutex<()>,
     flush_interval: Duration,
 }
@@ -290,6 +308,8 @@ impl SqlQuotaStore {
         let inner = Arc::new(SqlInner {
             db,
             counters: DashMap::new(),
+            unloaded: AtomicUsize::new(0),
+            dropped: AtomicU64::new(0),
             flush_lock: tokio::sync::Mutex::new(()),
             flush_interval,
         });
@@ -323,6 +343,12 @@ impl SqlQuotaStore {
     pub fn pending(&self) -> u64 {
         self.inner.counters.iter().map(|c| c.pending).sum()
     }
+
+    /// The amounts not counted because the database was down and the counters created without
+    /// it were at their bound (see "Database down" above); since the store was built.
+    pub fn dropped(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
+    }
 }
 
 async fn flush_task(inner: Weak<SqlInner>, every: Duration) {
@@ -339,6 +365,36 @@ async fn flush_task(inner: Weak<SqlInner>, every: Duration) {
 }
 
 impl SqlInner {
+    /// `consume` for a subject whose stored total could not be read (`error`): counts in a new
+    /// counter starting from zero, written as deltas once the database returns; `error` when
+    /// there is nothing to count or too many such counters exist already.
+    fn consume_unloaded(
+        &self,
+        key: CounterKey,
+        amount: u64,
+        limit: u64,
+        error: RateLimitError,
+    ) -> Result<QuotaDecision> {
+        if amount == 0 || try_add(0, amount, limit.min(super::MAX_AMOUNT)).is_none() {
+            return Err(error);
+        }
+        let mut counter = match self.counters.entry(key.clone()) {
+            Entry::Occupied(e) => e.into_ref(),
+            Entry::Vacant(e) => {
+                if self.unloaded.fetch_add(1, Ordering::Relaxed) >= MAX_UNLOADED_COUNTERS {
+                    self.unloaded.fetch_sub(1, Ordering::Relaxed);
+                    self.dropped.fetch_add(amount, Ordering::Relaxed);
+                    return Err(error);
+                }
+                e.insert(Counter {
+                    unloaded: true,
+                    ..Counter::default()
+                })
+            }
+        };
+        Ok(counter.consume(&key, amount, limit))
+    }
+
     async fn flush(&self) -> Result<()> {
         let _flushing = self.flush_lock.lock().await;
         let mut batch = Vec::new();
@@ -367,6 +423,9 @@ impl SqlInner {
                         // The row's total includes other nodes' deltas; add what was counted
                         // here since the batch was taken.
                         counter.used = total.saturating_add(counter.pending);
+                        if std::mem::take(&mut counter.unloaded) {
+                            self.unloaded.fetch_sub(1, Ordering::Relaxed);
+                        }
                     }
                 }
                 Ok(())
@@ -405,7 +464,10 @@ impl QuotaStore for SqlQuotaStore {
         if let Some(mut counter) = self.inner.counters.get_mut(&key) {
             return Ok(counter.consume(&key, amount, limit));
         }
-        let stored = self.inner.db.load(&key).await?;
+        let stored = match self.inner.db.load(&key).await {
+            Ok(stored) => stored,
+            Err(e) => return self.inner.consume_unloaded(key, amount, limit, e),
+        };
         let mut counter = self
             .inner
             .counters
