@@ -82,14 +82,17 @@ async fn run(cfg: Arc<Config>, db: Database) -> anyhow::Result<()> {
         Some(Arc::clone(tiered.stats())),
         keys.clone(),
     )?);
+    // Probes go through the tiered store: an answer from the database ends its L2 cool-down,
+    // so once `/ready` says the database is up, L2 is in use again.
+    let tiered_store = Arc::clone(&tiered) as Arc<dyn CacheStore>;
     let monitor = tokio::spawn(monitor_dependencies(
-        Arc::clone(&l2),
+        Arc::clone(&tiered_store),
         redis.clone(),
         Arc::clone(&gateway.metrics),
     ));
     let state = web::Data::new(AppState::new(
         Arc::clone(&gateway),
-        Some(l2),
+        Some(tiered_store),
         db.backend(),
         redis,
     ));

@@ -67,7 +67,9 @@ impl L2Health {
 ///
 /// * `get`: L1, then L2; an L2 hit is promoted into L1.
 /// * `put`: into L1 at once, into L2 through a bounded write-behind queue (a full queue makes
-///   the writer wait rather than lose the write); [`flush`](CacheStore::flush) waits for it.
+///   the writer wait rather than lose the write), written in batches of up to 64 with
+///   [`put_many`](CacheStore::put_many) (a failed batch is tried once more, for a connection
+///   the database closed); [`flush`](CacheStore::flush) waits for it.
 /// * L2 failures never fail a lookup or a store: they are counted in [`TierStats`] and logged,
 ///   and the request is served from L1 or the upstream. After a failure L2 is skipped for a
 ///   cool-down (1 s by default, [`with_l2_cooldown`](Self::with_l2_cooldown)), so a database
@@ -93,7 +95,7 @@ impl TieredStore {
     /// Combines `l1` and `l2`; `queue` bounds the writes waiting for L2. Must be called inside a
     /// tokio runtime (it spawns the L2 writer).
     pub fn new(l1: MemoryStore, l2: Arc<dyn CacheStore>, queue: usize) -> Self {
-        let (tx, mut rx) = mpsc::channel::<Write>(queue.max(1));
+        let (tx, rx) = mpsc::channel::<Write>(queue.max(1));
         let stats = Arc::new(TierStats::default());
         let health = Arc::new(L2Health {
             origin: Instant::now(),
@@ -103,26 +105,7 @@ impl TieredStore {
         let writer_l2 = Arc::clone(&l2);
         let writer_stats = Arc::clone(&stats);
         let writer_health = Arc::clone(&health);
-        tokio::spawn(async move {
-            while let Some(w) = rx.recv().await {
-                match w {
-                    Write::Put(_, _) if writer_health.is_down() => {
-                        writer_stats.l2_skipped.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Write::Put(key, entry) => match writer_l2.put(key, entry).await {
-                        Ok(()) => writer_health.succeeded(),
-                        Err(e) => {
-                            writer_health.failed();
-                            writer_stats.l2_errors.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(error = %e, %key, "L2 cache write skipped");
-                        }
-                    },
-                    Write::Flush(done) => {
-                        let _ = done.send(());
-                    }
-                }
-            }
-        });
+        tokio::spawn(write_behind(rx, writer_l2, writer_stats, writer_health));
         TieredStore {
             l1,
             l2,
@@ -166,6 +149,66 @@ impl TieredStore {
     }
 }
 
+/// Most queued L2 writes committed together (one transaction in the SQL stores).
+const WRITE_BATCH: usize = 64;
+
+/// The L2 writer: takes what is queued (up to [`WRITE_BATCH`] writes) and stores it with one
+/// [`put_many`](CacheStore::put_many); a flush request is answered once every write queued
+/// before it has been tried.
+async fn write_behind(
+    mut rx: mpsc::Receiver<Write>,
+    l2: Arc<dyn CacheStore>,
+    stats: Arc<TierStats>,
+    health: Arc<L2Health>,
+) {
+    let mut queued = Vec::with_capacity(WRITE_BATCH);
+    while rx.recv_many(&mut queued, WRITE_BATCH).await > 0 {
+        let mut batch = Vec::with_capacity(queued.len());
+        let mut flushes = Vec::new();
+        for w in queued.drain(..) {
+            match w {
+                Write::Put(key, entry) => batch.push((key, entry)),
+                Write::Flush(done) => flushes.push(done),
+            }
+        }
+        write_batch(&*l2, &stats, &health, batch).await;
+        for done in flushes {
+            let _ = done.send(());
+        }
+    }
+}
+
+async fn write_batch(
+    l2: &dyn CacheStore,
+    stats: &TierStats,
+    health: &L2Health,
+    batch: Vec<(CacheKey, Arc<Entry>)>,
+) {
+    let n = batch.len() as u64;
+    if n == 0 {
+        return;
+    }
+    if health.is_down() {
+        stats.l2_skipped.fetch_add(n, Ordering::Relaxed);
+        return;
+    }
+    // A pooled connection that the database closed (it restarted) fails once and is dropped;
+    // the second try gets a fresh one. A database that is really down fails both (in the
+    // background: no request waits on this).
+    let mut result = l2.put_many(batch.clone()).await;
+    if result.is_err() {
+        result = l2.put_many(batch).await;
+    }
+    match result {
+        Ok(()) => health.succeeded(),
+        Err(e) => {
+            health.failed();
+            stats.l2_errors.fetch_add(n, Ordering::Relaxed);
+            tracing::warn!(error = %e, entries = n, "L2 cache writes skipped");
+        }
+    }
+}
+
 #[async_trait]
 impl CacheStore for TieredStore {
     fn name(&self) -> &'static str {
@@ -177,8 +220,14 @@ impl CacheStore for TieredStore {
     }
 
     /// The L2's health: the tier the process cannot serve durably without.
+    /// Pings L2. An answer ends a cool-down at once, so readiness probes tell when L2 is in
+    /// use again.
     async fn ping(&self) -> Result<()> {
-        self.l2.ping().await
+        let result = self.l2.ping().await;
+        if result.is_ok() {
+            self.health.succeeded();
+        }
+        result
     }
 
     async fn get(&self, key: &CacheKey) -> Result<Option<Arc<Entry>>> {

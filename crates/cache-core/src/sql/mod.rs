@@ -170,6 +170,19 @@ macro_rules! impl_sql_cache_store {
                 .map(|_| ())
         }
 
+        impl $store {
+            /// A failed query's error. After a backend failure the idle connections are
+            /// dropped: when the database restarted they are all dead, and each would fail
+            /// one more operation before the pool noticed.
+            fn query_failed(&self, e: diesel::result::Error) -> $crate::error::CacheError {
+                let error = $crate::sql::query_error($backend, e);
+                if error.is_retryable() {
+                    self.pool.retain(|_, _| false);
+                }
+                error
+            }
+        }
+
         #[async_trait::async_trait]
         impl $crate::store::CacheStore for $store {
             fn name(&self) -> &'static str {
@@ -183,7 +196,7 @@ macro_rules! impl_sql_cache_store {
                 diesel::sql_query("SELECT 1")
                     .execute(&mut conn)
                     .await
-                    .map_err(|e| $crate::sql::query_error($backend, e))?;
+                    .map_err(|e| self.query_failed(e))?;
                 Ok(())
             }
 
@@ -193,7 +206,7 @@ macro_rules! impl_sql_cache_store {
             ) -> $crate::error::Result<Option<std::sync::Arc<$crate::entry::Entry>>> {
                 use diesel::prelude::*;
                 use diesel_async::RunQueryDsl;
-                use $crate::sql::{EntryRow, query_error, schema::cache_entries};
+                use $crate::sql::{EntryRow, schema::cache_entries};
 
                 let mut conn = self.conn().await?;
                 // `get_result`, not `first`: the key is the primary key, and `first`'s bound
@@ -205,7 +218,7 @@ macro_rules! impl_sql_cache_store {
                     .get_result(&mut conn)
                     .await
                     .optional()
-                    .map_err(|e| query_error($backend, e))?;
+                    .map_err(|e| self.query_failed(e))?;
                 row.map(|r| r.into_entry().map(std::sync::Arc::new))
                     .transpose()
             }
@@ -215,13 +228,13 @@ macro_rules! impl_sql_cache_store {
                 key: $crate::key::CacheKey,
                 entry: std::sync::Arc<$crate::entry::Entry>,
             ) -> $crate::error::Result<()> {
-                use $crate::sql::{EntryRow, query_error};
+                use $crate::sql::EntryRow;
 
                 let row = EntryRow::from_entry($backend, &key, &entry)?;
                 let mut conn = self.conn().await?;
                 upsert(&mut conn, &row)
                     .await
-                    .map_err(|e| query_error($backend, e))
+                    .map_err(|e| self.query_failed(e))
             }
 
             /// One transaction for the whole batch: one commit instead of one per entry.
@@ -230,7 +243,7 @@ macro_rules! impl_sql_cache_store {
                 entries: Vec<($crate::key::CacheKey, std::sync::Arc<$crate::entry::Entry>)>,
             ) -> $crate::error::Result<()> {
                 use diesel_async::AsyncConnection;
-                use $crate::sql::{EntryRow, query_error};
+                use $crate::sql::EntryRow;
 
                 let rows = entries
                     .iter()
@@ -247,19 +260,19 @@ macro_rules! impl_sql_cache_store {
                     Ok(())
                 })
                 .await
-                .map_err(|e| query_error($backend, e))
+                .map_err(|e| self.query_failed(e))
             }
 
             async fn remove(&self, key: &$crate::key::CacheKey) -> $crate::error::Result<bool> {
                 use diesel::prelude::*;
                 use diesel_async::RunQueryDsl;
-                use $crate::sql::{query_error, schema::cache_entries};
+                use $crate::sql::schema::cache_entries;
 
                 let mut conn = self.conn().await?;
                 let removed = diesel::delete(cache_entries::table.find(key.to_hex()))
                     .execute(&mut conn)
                     .await
-                    .map_err(|e| query_error($backend, e))?;
+                    .map_err(|e| self.query_failed(e))?;
                 Ok(removed > 0)
             }
 
@@ -269,7 +282,7 @@ macro_rules! impl_sql_cache_store {
             ) -> $crate::error::Result<u64> {
                 use diesel::prelude::*;
                 use diesel_async::RunQueryDsl;
-                use $crate::sql::{query_error, schema::cache_entries};
+                use $crate::sql::schema::cache_entries;
 
                 let mut query = diesel::delete(cache_entries::table).into_boxed::<$db>();
                 if let Some(upstream) = &filter.upstream {
@@ -285,7 +298,7 @@ macro_rules! impl_sql_cache_store {
                 let purged = query
                     .execute(&mut conn)
                     .await
-                    .map_err(|e| query_error($backend, e))?;
+                    .map_err(|e| self.query_failed(e))?;
                 Ok(u64::try_from(purged).unwrap_or(u64::MAX))
             }
 
@@ -296,7 +309,7 @@ macro_rules! impl_sql_cache_store {
             ) -> $crate::error::Result<u64> {
                 use diesel::prelude::*;
                 use diesel_async::RunQueryDsl;
-                use $crate::sql::{query_error, schema::cache_entries};
+                use $crate::sql::schema::cache_entries;
 
                 if max_entries == 0 {
                     return Ok(0);
@@ -314,14 +327,14 @@ macro_rules! impl_sql_cache_store {
                     .filter(cache_entries::key.eq_any(batch))
                     .execute(&mut conn)
                     .await
-                    .map_err(|e| query_error($backend, e))?;
+                    .map_err(|e| self.query_failed(e))?;
                 Ok(u64::try_from(swept).unwrap_or(u64::MAX))
             }
 
             async fn usage(&self) -> $crate::error::Result<$crate::store::StoreUsage> {
                 use diesel::prelude::*;
                 use diesel_async::RunQueryDsl;
-                use $crate::sql::{query_error, schema::cache_entries};
+                use $crate::sql::schema::cache_entries;
 
                 let mut conn = self.conn().await?;
                 let (entries, bytes): (i64, i64) = cache_entries::table
@@ -331,7 +344,7 @@ macro_rules! impl_sql_cache_store {
                     ))
                     .get_result(&mut conn)
                     .await
-                    .map_err(|e| query_error($backend, e))?;
+                    .map_err(|e| self.query_failed(e))?;
                 Ok($crate::store::StoreUsage {
                     entries: u64::try_from(entries).unwrap_or(0),
                     bytes: u64::try_from(bytes).unwrap_or(0),
