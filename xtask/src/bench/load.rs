@@ -179,6 +179,26 @@ pub enum Paths {
         /// E.g. `/bench/miss/item?k=r1-`.
         prefix: String,
     },
+    /// Each request picks one of `parts` with probability proportional to its share (built-in
+    /// generator only).
+    Mix {
+        /// What may be requested.
+        parts: Arc<Vec<MixPart>>,
+        /// Seed of the draws.
+        seed: u64,
+    },
+}
+
+/// One part of [`Paths::Mix`].
+#[derive(Debug, Clone)]
+pub struct MixPart {
+    /// Relative weight.
+    pub share: f64,
+    /// E.g. `/bench/sie/item?k=`.
+    pub prefix: String,
+    /// `Some(n)`: the prefix followed by a key drawn uniformly from `0..n`; `None`: followed by
+    /// `<worker>-<n>`, a path never requested before in this run.
+    pub keys: Option<usize>,
 }
 
 /// Draws the paths of one worker.
@@ -187,12 +207,14 @@ struct PathGen<'a> {
     worker: usize,
     n: u64,
     rng: SplitMix64,
+    /// The [`Paths::Mix`] part of the last path drawn.
+    part: usize,
 }
 
 impl<'a> PathGen<'a> {
     fn new(paths: &'a Paths, worker: usize) -> Self {
         let seed = match paths {
-            Paths::Zipf { seed, .. } => *seed,
+            Paths::Zipf { seed, .. } | Paths::Mix { seed, .. } => *seed,
             _ => 0,
         };
         PathGen {
@@ -200,6 +222,7 @@ impl<'a> PathGen<'a> {
             worker,
             n: 0,
             rng: SplitMix64(seed ^ (worker as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            part: 0,
         }
     }
 
@@ -211,6 +234,28 @@ impl<'a> PathGen<'a> {
                 format!("{prefix}{}", zipf_pick(cdf, self.rng.next_f64()))
             }
             Paths::Unique { prefix } => format!("{prefix}{}-{}", self.worker, self.n),
+            Paths::Mix { parts, .. } => {
+                let total: f64 = parts.iter().map(|p| p.share).sum();
+                let mut u = self.rng.next_f64() * total;
+                self.part = parts
+                    .iter()
+                    .position(|p| {
+                        u -= p.share;
+                        u < 0.0
+                    })
+                    .unwrap_or(parts.len().saturating_sub(1));
+                match parts.get(self.part) {
+                    Some(MixPart {
+                        prefix,
+                        keys: Some(n),
+                        ..
+                    }) => format!("{prefix}{}", self.rng.next_u64() % (*n).max(1) as u64),
+                    Some(MixPart { prefix, .. }) => {
+                        format!("{prefix}{}-{}", self.worker, self.n)
+                    }
+                    None => "/".into(),
+                }
+            }
         }
     }
 }
@@ -234,9 +279,15 @@ impl SplitMix64 {
     }
 }
 
-fn request_bytes(addr: SocketAddr, path: &str) -> Vec<u8> {
-    format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: tollgate-bench\r\n\r\n")
-        .into_bytes()
+/// A `GET path` request with `headers` (each `Name: value`) added.
+fn request_bytes(addr: SocketAddr, path: &str, headers: &[String]) -> Vec<u8> {
+    let mut s = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: tollgate-bench\r\n");
+    for h in headers {
+        s.push_str(h);
+        s.push_str("\r\n");
+    }
+    s.push_str("\r\n");
+    s.into_bytes()
 }
 
 fn check_loopback(addr: SocketAddr) -> anyhow::Result<()> {
@@ -360,9 +411,9 @@ struct Conn {
     stream: TcpStream,
     buf: Vec<u8>,
     closed: bool,
-    /// The head of the last response, kept only by [`get_once`].
-    last_head: String,
-    keep_head: bool,
+    /// The last response (head and raw body), kept only when `keep` is set.
+    last: Vec<u8>,
+    keep: bool,
 }
 
 impl Conn {
@@ -375,8 +426,8 @@ impl Conn {
             stream,
             buf: Vec::with_capacity(16 * 1024),
             closed: false,
-            last_head: String::new(),
-            keep_head: false,
+            last: Vec::new(),
+            keep: false,
         })
     }
 
@@ -387,10 +438,9 @@ impl Conn {
         loop {
             match parse_response(&self.buf) {
                 Ok(Some(p)) => {
-                    if self.keep_head
-                        && let Some(end) = find(&self.buf, b"\r\n\r\n")
-                    {
-                        self.last_head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+                    if self.keep {
+                        self.last.clear();
+                        self.last.extend_from_slice(&self.buf[..p.len]);
                     }
                     self.buf.drain(..p.len);
                     self.closed = p.close;
@@ -420,13 +470,99 @@ impl Conn {
 /// One `GET path` on a fresh connection: the status and the response head (for headers such
 /// as `X-Cache`).
 pub fn get_once(addr: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
+    let r = fetch(addr, path, &[], timeout)?;
+    Ok((r.status, r.head))
+}
+
+/// A whole response of [`fetch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// Status code.
+    pub status: u16,
+    /// Status line and headers.
+    pub head: String,
+    /// The body (de-chunked), lossily as UTF-8.
+    pub body: String,
+}
+
+/// One `GET path` with `headers` (each `Name: value`) on a fresh connection.
+pub fn fetch(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[String],
+    timeout: Duration,
+) -> anyhow::Result<Fetched> {
     check_loopback(addr)?;
     let mut conn = Conn::open(addr, timeout).with_context(|| format!("connecting to {addr}"))?;
-    conn.keep_head = true;
+    conn.keep = true;
     let status = conn
-        .request(&request_bytes(addr, path))
+        .request(&request_bytes(addr, path, headers))
         .map_err(|f| anyhow::anyhow!("GET http://{addr}{path}: {f:?}"))?;
-    Ok((status, std::mem::take(&mut conn.last_head)))
+    let raw = std::mem::take(&mut conn.last);
+    let end = find(&raw, b"\r\n\r\n").unwrap_or(raw.len());
+    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+    let body = raw.get(end + 4..).unwrap_or_default();
+    let body = if header(&head, "transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        dechunk(body)
+    } else {
+        body.to_vec()
+    };
+    Ok(Fetched {
+        status,
+        head,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// The sum of the samples of metric `name` that carry every label pair of `labels`, in a
+/// Prometheus text exposition; `None` when there is none.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (label_text, value) = match rest.strip_prefix('{') {
+            Some(r) => match r.split_once('}') {
+                Some((l, v)) => (l, v),
+                None => continue,
+            },
+            None if rest.starts_with(' ') => ("", rest),
+            None => continue,
+        };
+        if !labels
+            .iter()
+            .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")))
+        {
+            continue;
+        }
+        if let Some(v) = value
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+        {
+            found = Some(found.unwrap_or(0.0) + v);
+        }
+    }
+    found
+}
+
+/// The payload of a complete chunked body (trailers dropped).
+fn dechunk(mut buf: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(buf.len());
+    while let Some(eol) = find(buf, b"\r\n") {
+        let size = std::str::from_utf8(&buf[..eol])
+            .ok()
+            .and_then(|t| usize::from_str_radix(t.split(';').next().unwrap_or("").trim(), 16).ok())
+            .unwrap_or(0);
+        buf = &buf[eol + 2..];
+        if size == 0 || buf.len() < size {
+            break;
+        }
+        out.extend_from_slice(&buf[..size]);
+        buf = buf.get(size + 2..).unwrap_or_default();
+    }
+    out
 }
 
 /// The value of header `name` in a response head.
@@ -514,6 +650,87 @@ pub struct Builtin {
     pub timeout: Duration,
     /// Upper bound on requests, whatever the duration.
     pub max_requests: u64,
+    /// Headers added to every request, each `Name: value`.
+    pub headers: Vec<String>,
+}
+
+/// How a gateway answered one request, from its status and headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Answer {
+    /// 2xx, `X-Cache: HIT`.
+    Hit,
+    /// 2xx, `X-Cache: MISS`.
+    Miss,
+    /// 2xx, `X-Cache: STALE`.
+    Stale,
+    /// The route's static fallback (`X-Tollgate-Fallback: true`).
+    Fallback,
+    /// Any other 2xx/3xx.
+    OtherOk,
+    /// 503.
+    Unavailable,
+    /// 502.
+    BadGateway,
+    /// 504.
+    GatewayTimeout,
+    /// Any other status.
+    OtherStatus,
+    /// No response (connect, read or write failure, client timeout).
+    NoResponse,
+}
+
+impl Answer {
+    /// Classifies a response by its status and head.
+    pub fn of(status: u16, head: &str) -> Answer {
+        if header(head, "x-tollgate-fallback").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+            return Answer::Fallback;
+        }
+        match status {
+            200..=399 => match header(head, "x-cache")
+                .map(str::to_ascii_uppercase)
+                .as_deref()
+            {
+                Some("HIT") => Answer::Hit,
+                Some("MISS") => Answer::Miss,
+                Some("STALE") => Answer::Stale,
+                _ => Answer::OtherOk,
+            },
+            502 => Answer::BadGateway,
+            503 => Answer::Unavailable,
+            504 => Answer::GatewayTimeout,
+            _ => Answer::OtherStatus,
+        }
+    }
+
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Answer::Hit => "HIT",
+            Answer::Miss => "MISS",
+            Answer::Stale => "STALE",
+            Answer::Fallback => "fallback",
+            Answer::OtherOk => "other 2xx",
+            Answer::Unavailable => "503",
+            Answer::BadGateway => "502",
+            Answer::GatewayTimeout => "504",
+            Answer::OtherStatus => "other status",
+            Answer::NoResponse => "no response",
+        }
+    }
+}
+
+/// One request of a recorded constant-rate run.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    /// When it was meant to be sent.
+    pub intended: Instant,
+    /// From the intended send time to the answer (or the failure), ns.
+    pub latency_ns: u64,
+    /// How it was answered.
+    pub answer: Answer,
+    /// Which part of [`Paths::Mix`] it requested (0 for other paths).
+    pub part: usize,
 }
 
 struct WorkerOut {
@@ -521,6 +738,7 @@ struct WorkerOut {
     lags: Vec<u64>,
     errors: Errors,
     finished: Instant,
+    samples: Vec<Sample>,
 }
 
 impl Builtin {
@@ -530,8 +748,15 @@ impl Builtin {
         check_loopback(self.addr)?;
         match self.rate {
             None => self.run_closed(),
-            Some(rate) => self.run_paced(rate),
+            Some(rate) => self.run_paced(rate, false).map(|(r, _)| r),
         }
+    }
+
+    /// A constant-rate run (at `rate`, else 1 req/s) that also returns every request's
+    /// [`Sample`], in no particular order.
+    pub fn run_recorded(&self) -> anyhow::Result<(LoadResult, Vec<Sample>)> {
+        check_loopback(self.addr)?;
+        self.run_paced(self.rate.unwrap_or(1.0), true)
     }
 
     fn per_worker_max(&self) -> u64 {
@@ -586,7 +811,7 @@ impl Builtin {
         let mut out = WorkerOut::new(start);
         let mut paths = PathGen::new(&self.paths, worker);
         let fixed = match &self.paths {
-            Paths::Fixed(p) => Some(request_bytes(self.addr, p)),
+            Paths::Fixed(p) => Some(request_bytes(self.addr, p, &self.headers)),
             _ => None,
         };
         let mut conn: Option<AsyncConn> = None;
@@ -608,7 +833,7 @@ impl Builtin {
             let req = match &fixed {
                 Some(r) => r.as_slice(),
                 None => {
-                    owned = request_bytes(self.addr, &paths.next());
+                    owned = request_bytes(self.addr, &paths.next(), &self.headers);
                     owned.as_slice()
                 }
             };
@@ -627,7 +852,7 @@ impl Builtin {
     }
 
     /// Constant rate: one OS thread per connection, each on its own fixed timeline.
-    fn run_paced(&self, rate: f64) -> anyhow::Result<LoadResult> {
+    fn run_paced(&self, rate: f64, record: bool) -> anyhow::Result<(LoadResult, Vec<Sample>)> {
         let connections = self.connections.max(1);
         let max = self.per_worker_max();
         // Everyone starts on the same timeline, a moment from now.
@@ -643,7 +868,10 @@ impl Builtin {
             let handle = std::thread::Builder::new()
                 .name(format!("load-{worker}"))
                 .stack_size(256 * 1024)
-                .spawn(move || spec.paced_worker(worker, start, deadline, interval, offset, max))
+                .spawn(move || {
+                    let timeline = (start, deadline, interval, offset);
+                    spec.paced_worker(worker, timeline, max, record)
+                })
                 .context("spawning a load thread")?;
             handles.push(handle);
         }
@@ -654,27 +882,26 @@ impl Builtin {
                     .map_err(|_| anyhow::anyhow!("a load thread panicked"))?,
             );
         }
-        Ok(merge(
-            outs,
-            start,
-            Mode::ConstantRate { rate, connections },
-            true,
-        ))
+        let samples = outs
+            .iter_mut()
+            .flat_map(|o| std::mem::take(&mut o.samples))
+            .collect();
+        let result = merge(outs, start, Mode::ConstantRate { rate, connections }, true);
+        Ok((result, samples))
     }
 
+    /// `timeline`: (start, deadline, interval between this worker's requests, its offset).
     fn paced_worker(
         &self,
         worker: usize,
-        start: Instant,
-        deadline: Instant,
-        interval: Duration,
-        offset: Duration,
+        (start, deadline, interval, offset): (Instant, Instant, Duration, Duration),
         max: u64,
+        record: bool,
     ) -> WorkerOut {
         let mut out = WorkerOut::new(start);
         let mut paths = PathGen::new(&self.paths, worker);
         let fixed = match &self.paths {
-            Paths::Fixed(p) => Some(request_bytes(self.addr, p)),
+            Paths::Fixed(p) => Some(request_bytes(self.addr, p, &self.headers)),
             _ => None,
         };
         let mut conn: Option<Conn> = None;
@@ -692,7 +919,10 @@ impl Builtin {
             }
             if conn.as_ref().is_none_or(|c| c.closed) {
                 match Conn::open(self.addr, self.timeout) {
-                    Ok(c) => conn = Some(c),
+                    Ok(mut c) => {
+                        c.keep = record;
+                        conn = Some(c);
+                    }
                     Err(_) => {
                         // This slot is lost; the timeline goes on.
                         out.errors.connect += 1;
@@ -706,24 +936,39 @@ impl Builtin {
             let req = match &fixed {
                 Some(r) => r.as_slice(),
                 None => {
-                    owned = request_bytes(self.addr, &paths.next());
+                    owned = request_bytes(self.addr, &paths.next(), &self.headers);
                     owned.as_slice()
                 }
             };
             let began = Instant::now();
             sent += 1;
-            match c.request(req) {
-                // Latency from the intended send time: a stall delays every later request of
-                // this connection, and each of them counts it.
-                Ok(status) => out.done(
-                    status,
-                    nanos(Instant::now().saturating_duration_since(intended)),
-                    Some(nanos(began.saturating_duration_since(intended))),
-                ),
+            let result = c.request(req);
+            // Latency from the intended send time: a stall delays every later request of
+            // this connection, and each of them counts it.
+            let latency_ns = nanos(Instant::now().saturating_duration_since(intended));
+            let answer = match result {
+                Ok(status) => {
+                    out.done(
+                        status,
+                        latency_ns,
+                        Some(nanos(began.saturating_duration_since(intended))),
+                    );
+                    let head_end = find(&c.last, b"\r\n\r\n").unwrap_or(0);
+                    Answer::of(status, &String::from_utf8_lossy(&c.last[..head_end]))
+                }
                 Err(f) => {
                     out.failed(f);
                     conn = None;
+                    Answer::NoResponse
                 }
+            };
+            if record {
+                out.samples.push(Sample {
+                    intended,
+                    latency_ns,
+                    answer,
+                    part: paths.part,
+                });
             }
         }
         out.finished = Instant::now();
@@ -738,6 +983,7 @@ impl WorkerOut {
             lags: Vec::new(),
             errors: Errors::default(),
             finished: start,
+            samples: Vec::new(),
         }
     }
 
@@ -822,7 +1068,7 @@ pub fn stampede(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let req = Arc::new(request_bytes(addr, path));
+    let req = Arc::new(request_bytes(addr, path, &[]));
     rt.block_on(async move {
         let mut errors = Errors::default();
         // Connect first (retrying briefly: a short listen backlog may drop a SYN); set-up is
@@ -907,6 +1153,8 @@ pub struct Wrk<'a> {
     pub dir: &'a Path,
     /// Run wrk under `taskset -c CPU`.
     pub cpu: Option<usize>,
+    /// Headers added to every request (`-H`), each `Name: value`.
+    pub headers: &'a [String],
 }
 
 /// The marker of the line our Lua `done()` prints.
@@ -916,6 +1164,9 @@ impl Wrk<'_> {
     /// Runs wrk and parses its summary.
     pub fn run(&self) -> anyhow::Result<LoadResult> {
         check_loopback(self.addr)?;
+        if matches!(self.paths, Paths::Mix { .. }) {
+            bail!("mixed paths need the built-in generator");
+        }
         let script = self.dir.join(format!(
             "wrk-{}.lua",
             std::time::SystemTime::now()
@@ -941,8 +1192,11 @@ impl Wrk<'_> {
             .arg(format!("-c{}", self.connections))
             // wrk takes whole seconds only.
             .arg(format!("-d{}s", whole_secs(self.duration)))
-            .arg(format!("--timeout={}s", whole_secs(self.timeout)))
-            .arg("-s")
+            .arg(format!("--timeout={}s", whole_secs(self.timeout)));
+        for h in self.headers {
+            cmd.arg("-H").arg(h);
+        }
+        cmd.arg("-s")
             .arg(&script)
             .arg(&url)
             .stdout(Stdio::piped())
@@ -1070,7 +1324,8 @@ pub fn wrk_script(paths: &Paths) -> String {
          function setup(thread)\n  threads = threads + 1\n  thread:set(\"id\", threads)\nend\n",
     );
     match paths {
-        Paths::Fixed(_) => {}
+        // Mixed paths are refused by `Wrk::run`.
+        Paths::Fixed(_) | Paths::Mix { .. } => {}
         Paths::Zipf {
             prefix,
             cdf_file,
@@ -1239,6 +1494,93 @@ TOLLGATE_BENCH requests=478123 duration_us=3000012 bytes=398584120 connect=0 rea
         );
         assert_eq!(parse_response(&c[..c.len() - 2]).unwrap(), None);
         assert!(parse_response(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn reads_prometheus_text() {
+        let text = "# HELP tollgate_cache_bytes Bytes\n# TYPE tollgate_cache_bytes gauge\n\
+                    tollgate_cache_bytes 4194000\n\
+                    tollgate_cache_bytes_other 1\n\
+                    tollgate_upstream_retries_total{upstream=\"bench\"} 12\n\
+                    tollgate_upstream_retries_total{upstream=\"other\"} 3\n\
+                    tollgate_requests_total{upstream=\"bench\",route=\"/a\",outcome=\"hit\"} 5\n\
+                    tollgate_requests_total{upstream=\"bench\",route=\"/b\",outcome=\"hit\"} 7\n";
+        assert_eq!(metric(text, "tollgate_cache_bytes", &[]), Some(4_194_000.0));
+        assert_eq!(
+            metric(
+                text,
+                "tollgate_upstream_retries_total",
+                &[("upstream", "bench")]
+            ),
+            Some(12.0)
+        );
+        assert_eq!(
+            metric(text, "tollgate_upstream_retries_total", &[]),
+            Some(15.0)
+        );
+        assert_eq!(
+            metric(text, "tollgate_requests_total", &[("outcome", "hit")]),
+            Some(12.0)
+        );
+        assert_eq!(metric(text, "tollgate_cache_entries", &[]), None);
+    }
+
+    #[test]
+    fn classifies_answers_and_dechunks() {
+        let head = |extra: &str| format!("HTTP/1.1 200 OK\r\ncontent-length: 2{extra}");
+        assert_eq!(Answer::of(200, &head("\r\nX-Cache: STALE")), Answer::Stale);
+        assert_eq!(Answer::of(200, &head("\r\nx-cache: hit")), Answer::Hit);
+        assert_eq!(
+            Answer::of(
+                200,
+                &head("\r\nX-Cache: BYPASS\r\nx-tollgate-fallback: true")
+            ),
+            Answer::Fallback
+        );
+        assert_eq!(Answer::of(200, &head("")), Answer::OtherOk);
+        assert_eq!(Answer::of(503, "HTTP/1.1 503 x"), Answer::Unavailable);
+        assert_eq!(Answer::of(429, "HTTP/1.1 429 x"), Answer::OtherStatus);
+        assert_eq!(dechunk(b"3\r\nabc\r\n2;x=1\r\nde\r\n0\r\n\r\n"), b"abcde");
+        assert_eq!(
+            request_bytes(
+                SocketAddr::from(([127, 0, 0, 1], 1)),
+                "/x",
+                &["Authorization: Bearer k".into()]
+            ),
+            b"GET /x HTTP/1.1\r\nHost: 127.0.0.1:1\r\nUser-Agent: tollgate-bench\r\nAuthorization: Bearer k\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn mixed_paths_follow_their_shares() {
+        let paths = Paths::Mix {
+            parts: Arc::new(vec![
+                MixPart {
+                    share: 3.0,
+                    prefix: "/w?k=".into(),
+                    keys: Some(10),
+                },
+                MixPart {
+                    share: 1.0,
+                    prefix: "/c?k=".into(),
+                    keys: None,
+                },
+            ]),
+            seed: 1,
+        };
+        let mut g = PathGen::new(&paths, 7);
+        let drawn: Vec<String> = (0..4000).map(|_| g.next()).collect();
+        let warm = drawn.iter().filter(|p| p.starts_with("/w?k=")).count();
+        assert!((2800..3200).contains(&warm), "{warm}");
+        assert!(
+            drawn
+                .iter()
+                .filter(|p| p.starts_with("/w?k="))
+                .all(|p| p[5..].parse::<usize>().unwrap() < 10)
+        );
+        let cold: std::collections::HashSet<&String> =
+            drawn.iter().filter(|p| p.starts_with("/c?k=7-")).collect();
+        assert_eq!(cold.len(), 4000 - warm, "cold paths never repeat");
     }
 
     #[test]

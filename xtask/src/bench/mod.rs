@@ -13,9 +13,14 @@
 //!
 //! Files: `targets.rs` (servers), `load.rs` (wrk and the built-in generator),
 //! `scenarios.rs` (what each scenario does), `report.rs` (tables and JSON), `proc.rs`
-//! (CPU and memory of the server processes).
+//! (CPU and memory of the server processes); the opt-in scenarios that measure Tollgate
+//! alone against the issues' targets, each with instances configured for it: `auth.rs`,
+//! `l1.rs`, `outage.rs`.
 
+mod auth;
+mod l1;
 mod load;
+mod outage;
 mod proc;
 mod report;
 mod scenarios;
@@ -44,7 +49,8 @@ pub struct BenchArgs {
     /// Smoke run: 1 round of 3 s, 10,000 Zipf keys, short warm-ups.
     #[arg(long)]
     pub quick: bool,
-    /// Scenarios to run, in this order.
+    /// Scenarios to run, in this order. Opt-in, Tollgate alone against the issues' targets:
+    /// auth, l1, outage (~4 min together; ~2 min with --quick).
     #[arg(
         long,
         value_enum,
@@ -85,6 +91,16 @@ pub struct BenchArgs {
     /// Use the built-in load generator even when wrk is installed.
     #[arg(long)]
     pub no_wrk: bool,
+    /// Redis of the `auth` scenario's Redis-backed variant (a database of its own; empty to
+    /// skip the variant; skipped anyway when nothing answers PING there).
+    #[arg(long, default_value = "redis://127.0.0.1:6379/9")]
+    pub redis_url: String,
+    /// How the upstream fails in the `outage` scenario.
+    #[arg(long, value_enum, default_value = "error")]
+    pub outage_mode: outage::OutageMode,
+    /// Requests per second of the `outage` scenario's steady load.
+    #[arg(long, default_value_t = 500.0)]
+    pub outage_rate: f64,
 }
 
 /// Parses `500ms`, `10s`, `2m` (a bare number is seconds).
@@ -282,6 +298,17 @@ fn bench(args: BenchArgs, root: &Path) -> anyhow::Result<()> {
         use_wrk,
         pin,
         timeout: Duration::from_secs(10),
+        redis_url: args.redis_url.trim().to_string(),
+        l1_keys: 10_000,
+        l1_cap_bytes: 4 * 1024 * 1024,
+        auth_rate: 1000.0,
+        outage_rate: args.outage_rate.max(1.0),
+        outage_phases: (
+            Duration::from_secs(10),
+            Duration::from_secs(if quick { 10 } else { 30 }),
+            Duration::from_secs(10),
+        ),
+        outage_mode: args.outage_mode,
     };
     if let Some((servers, load)) = pin {
         // The mock upstream and the built-in generator live in this process.
@@ -311,7 +338,7 @@ fn bench(args: BenchArgs, root: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(&tmp)?;
     targets::register_dir(tmp.clone());
     let result = run_scenarios(&args, root, &settings, &kinds, &tmp, &mut notes);
-    let (runs, infos, probes) = match result {
+    let (runs, infos, probes, own) = match result {
         Ok(v) => v,
         Err(e) => {
             targets::cleanup_all();
@@ -321,7 +348,13 @@ fn bench(args: BenchArgs, root: &Path) -> anyhow::Result<()> {
     targets::remove_dir(&tmp);
 
     let method = |s: Scenario| describe(s, &settings);
-    let summary = report::summarize(&runs, &args.scenarios, &kinds, &method);
+    let classic: Vec<Scenario> = args
+        .scenarios
+        .iter()
+        .copied()
+        .filter(|s| !s.tollgate_only())
+        .collect();
+    let summary = report::summarize(&runs, &classic, &kinds, &method);
     let report = Report {
         started_at,
         machine,
@@ -332,6 +365,9 @@ fn bench(args: BenchArgs, root: &Path) -> anyhow::Result<()> {
         probes,
         runs,
         summary,
+        auth: own.auth,
+        l1: own.l1,
+        outage: own.outage,
     };
     println!("{}", report::markdown(&report));
     let path = report::write_json(&report, &target_dir(root).join("bench"), &stamp)?;
@@ -339,7 +375,15 @@ fn bench(args: BenchArgs, root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-type Outcome = (Vec<RunRecord>, Vec<TargetInfo>, Vec<String>);
+type Outcome = (Vec<RunRecord>, Vec<TargetInfo>, Vec<String>, Own);
+
+/// Results of the Tollgate-only scenarios.
+#[derive(Default)]
+struct Own {
+    auth: Option<auth::AuthReport>,
+    l1: Option<l1::L1Report>,
+    outage: Option<outage::OutageReport>,
+}
 
 fn run_scenarios(
     args: &BenchArgs,
@@ -365,7 +409,9 @@ fn run_scenarios(
         workers: settings.server_workers,
         pin_cpu: settings.pin.map(|(servers, _)| servers),
     };
-    if kinds.contains(&TargetKind::Tollgate) && !env.tollgate.is_file() {
+    let needs_tollgate =
+        kinds.contains(&TargetKind::Tollgate) || args.scenarios.iter().any(|s| s.tollgate_only());
+    if needs_tollgate && !env.tollgate.is_file() {
         bail!(
             "{} is missing: run `cargo build --release -p tollgate`",
             env.tollgate.display()
@@ -388,7 +434,10 @@ fn run_scenarios(
     let total: usize = args
         .scenarios
         .iter()
-        .map(|s| kinds.iter().filter(|&&k| s.includes(k)).count() * settings.rounds)
+        .map(|s| {
+            kinds.iter().filter(|&&k| s.includes(k)).count() * settings.rounds
+                + s.own_steps(settings)
+        })
         .sum();
     let bar = ProgressBar::new(total as u64);
     if let Ok(style) = ProgressStyle::with_template(
@@ -425,10 +474,42 @@ fn run_scenarios(
     let mut runs = Vec::new();
     let mut infos: Vec<TargetInfo> = Vec::new();
     let mut probes = Vec::new();
+    let mut own = Own::default();
     for &scenario in &args.scenarios {
         let began = Instant::now();
         mock.set_delay(scenario.upstream_delay(settings));
         let dir = tmp.join(scenario.name());
+        if scenario.tollgate_only() {
+            let result = match scenario {
+                Scenario::Auth => {
+                    auth::run(&ctx, &env, &dir, &progress).map(|r| own.auth = Some(r))
+                }
+                Scenario::L1 => l1::run(&ctx, &env, &dir, &progress).map(|r| own.l1 = Some(r)),
+                _ => outage::run(&ctx, &env, &dir, &progress).map(|r| own.outage = Some(r)),
+            };
+            if let Err(e) = result {
+                let msg = format!("{} failed: {e:#}", scenario.name());
+                progress.log(&msg);
+                notes.push(short(&msg));
+            }
+            if !infos.iter().any(|i| i.target == TargetKind::Tollgate) {
+                infos.push(TargetInfo {
+                    target: TargetKind::Tollgate,
+                    notes: format!(
+                        "release build, [server] workers = {}, SQLite L2, RUST_LOG=warn \
+                         (auth, l1 and outage configure their own instances)",
+                        env.workers
+                    ),
+                });
+            }
+            targets::remove_dir(&dir);
+            progress.log(format!(
+                "{} done in {:.0} s",
+                scenario.name(),
+                began.elapsed().as_secs_f64()
+            ));
+            continue;
+        }
         let mut servers: Vec<Server> = Vec::new();
         for &kind in kinds.iter().filter(|&&k| scenario.includes(k)) {
             progress
@@ -521,7 +602,7 @@ fn run_scenarios(
     progress.0.finish_and_clear();
     mock.shutdown();
     rt.shutdown_timeout(Duration::from_secs(2));
-    Ok((runs, infos, probes))
+    Ok((runs, infos, probes, own))
 }
 
 /// The first line of `msg`, at most 300 characters: for the report's notes.
@@ -543,11 +624,14 @@ fn describe(scenario: Scenario, s: &Settings) -> String {
         }
         .describe(generator)
     };
-    let constant = load::Mode::ConstantRate {
-        rate: s.rate,
-        connections: s.connections,
-    }
-    .describe("built-in");
+    let constant_at = |rate: f64| {
+        load::Mode::ConstantRate {
+            rate,
+            connections: s.connections,
+        }
+        .describe("built-in")
+    };
+    let constant = constant_at(s.rate);
     let d = s.duration.as_secs_f64();
     match scenario {
         Scenario::Hot => format!(
@@ -585,6 +669,53 @@ fn describe(scenario: Scenario, s: &Settings) -> String {
              Waiter latency from each request's send; upstream calls counted by the mock.",
             s.stampede_clients,
             s.upstream_delay.as_millis()
+        ),
+        Scenario::Auth => format!(
+            "`hot` against instances of the same build, alternating inside each round: **off** \
+             (no auth, no limits), **local** (`[auth] required = true`; every request carries \
+             `Authorization: Bearer` with a key made by `tollgate keys create` with a rate limit \
+             and a daily quota far above the load, so each hit is authenticated, rate-limited \
+             and counted) and, when Redis answers at {redis}, **redis** (the same, limits and \
+             quota in Redis). **req/s**: {}, {d} s. **Latency**: {}, {d} s — a rate every \
+             variant sustains, so p99 shows what the checks cost, not queueing. The Redis-backed \
+             check's cost is redis p99 − local p99.",
+            closed(s.connections),
+            constant_at(s.auth_rate),
+            redis = if s.redis_url.is_empty() {
+                "(--redis-url empty)"
+            } else {
+                &s.redis_url
+            },
+        ),
+        Scenario::L1 => format!(
+            "(a) a fresh Tollgate (L1 256 MiB) filled through the gateway with {} distinct keys \
+             ({} B bodies; built-in generator, 50 connections), then `VmRSS` from /proc and \
+             `tollgate_cache_entries` / `tollgate_cache_bytes` from /metrics; (b) a Tollgate with \
+             `cache.l1_max_bytes = {}` fed distinct keys whose bodies alone add up to 10× that, \
+             /metrics sampled every 200 ms: the largest `tollgate_cache_bytes` seen and the last \
+             one against the cap.",
+            report::thousands(s.l1_keys as f64),
+            s.body_bytes,
+            s.l1_cap_bytes,
+        ),
+        Scenario::Outage => format!(
+            "One Tollgate (breaker: 5 failures open it for 5 s; retries: 3 attempts, 50 ms base; \
+             upstream timeout 2 s; routes with TTL 2 s and stale_if_error 10 m, `/fallback/*` \
+             with a static fallback) under a constant {rate:.0} req/s over {c} connections \
+             (built-in generator; latency from the intended send time): 80% to 200 warm keys, \
+             10% to new keys, 10% to new keys of the fallback route. Healthy {h} s, then the \
+             mock upstream {mode} for {o} s, then healthy again for {r} s. `GET /admin/breakers` \
+             read every 100 ms; upstream calls counted by the mock; retries from /metrics. The \
+             retry budget is Tollgate's built-in one: 20% of requests + 1 retry/s.",
+            rate = s.outage_rate,
+            c = s.connections,
+            h = s.outage_phases.0.as_secs(),
+            o = s.outage_phases.1.as_secs(),
+            r = s.outage_phases.2.as_secs(),
+            mode = match s.outage_mode {
+                outage::OutageMode::Error => "answers 503 at once",
+                outage::OutageMode::Hang => "accepts calls and never answers",
+            },
         ),
     }
 }

@@ -14,6 +14,8 @@ pub struct Usage {
     /// over the tree (shared pages count once per process: an upper bound for multi-process
     /// servers).
     pub peak_rss_kib: u64,
+    /// Resident set now (`VmRSS`), KiB, summed over the tree.
+    pub rss_kib: u64,
     /// Proportional set size now (`Pss` of `smaps_rollup`), KiB, summed over the tree: shared
     /// pages split between the processes sharing them.
     pub pss_kib: u64,
@@ -70,6 +72,7 @@ pub fn usage(pid: u32) -> Usage {
         }
         if let Some(status) = read(&base.join("status")) {
             u.peak_rss_kib += status_kib(&status, "VmHWM:").unwrap_or(0);
+            u.rss_kib += status_kib(&status, "VmRSS:").unwrap_or(0);
         }
         if let Some(rollup) = read(&base.join("smaps_rollup")) {
             u.pss_kib += status_kib(&rollup, "Pss:").unwrap_or(0);

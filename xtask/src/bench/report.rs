@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::Serialize;
 
+use super::auth::AuthReport;
+use super::l1::L1Report;
 use super::load::{LoadResult, Percentiles, StampedeResult};
+use super::outage::OutageReport;
 use super::scenarios::{Scenario, Settings};
 use super::targets::TargetKind;
 
@@ -181,6 +184,15 @@ pub struct Report {
     pub runs: Vec<RunRecord>,
     /// Medians and ratios per scenario.
     pub summary: Vec<ScenarioSummary>,
+    /// The `auth` scenario, when run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthReport>,
+    /// The `l1` scenario, when run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub l1: Option<L1Report>,
+    /// The `outage` scenario, when run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outage: Option<OutageReport>,
 }
 
 /// One target's medians over the rounds of one scenario.
@@ -226,6 +238,23 @@ pub struct Ratio {
     pub median: Option<f64>,
 }
 
+impl Ratio {
+    /// `* name metric: r1 · r2 · r3 → median **m**`, for the markdown.
+    pub fn line(&self) -> String {
+        format!(
+            "* {} {}: {} → median **{}**",
+            self.name,
+            self.metric,
+            self.per_round
+                .iter()
+                .map(|v| format!("{v:.3}"))
+                .collect::<Vec<_>>()
+                .join(" · "),
+            opt(self.median, |m| format!("{m:.3}"))
+        )
+    }
+}
+
 /// A scenario's table.
 #[derive(Debug, Clone, Serialize)]
 pub struct ScenarioSummary {
@@ -254,7 +283,8 @@ pub fn median(values: &[f64]) -> Option<f64> {
     })
 }
 
-fn median_percentiles(ps: &[Percentiles]) -> Option<Percentiles> {
+/// The median of each percentile over `ps`; `None` when empty.
+pub fn median_percentiles(ps: &[Percentiles]) -> Option<Percentiles> {
     if ps.is_empty() {
         return None;
     }
@@ -387,6 +417,98 @@ pub fn summarize(
     out
 }
 
+/// A target of an issue, what was measured against it and whether it was met.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// What is measured.
+    pub what: String,
+    /// The measured value as shown (`–` when it could not be measured).
+    pub measured: String,
+    /// The target, in words (empty for figures reported without a target).
+    pub target: String,
+    /// The measured value as a number, in the target's unit.
+    pub value: Option<f64>,
+    /// `Some(true)` met, `Some(false)` missed, `None` not judged.
+    pub pass: Option<bool>,
+}
+
+impl Check {
+    /// Met when `value ≥ min`.
+    pub fn at_least(
+        what: &str,
+        value: Option<f64>,
+        min: f64,
+        show: impl Fn(f64) -> String,
+    ) -> Check {
+        Check {
+            what: what.into(),
+            measured: opt(value, &show),
+            target: format!("≥ {}", show(min)),
+            value,
+            pass: value.map(|v| v >= min),
+        }
+    }
+
+    /// Met when `value ≤ max`.
+    pub fn at_most(
+        what: &str,
+        value: Option<f64>,
+        max: f64,
+        show: impl Fn(f64) -> String,
+    ) -> Check {
+        Check {
+            what: what.into(),
+            measured: opt(value, &show),
+            target: format!("≤ {}", show(max)),
+            value,
+            pass: value.map(|v| v <= max),
+        }
+    }
+
+    /// A figure reported without a target.
+    pub fn info(what: &str, measured: Option<String>) -> Check {
+        Check {
+            what: what.into(),
+            measured: measured.unwrap_or_else(|| "–".into()),
+            target: String::new(),
+            value: None,
+            pass: None,
+        }
+    }
+
+    /// `PASS`, `FAIL` or `–`.
+    pub fn verdict(&self) -> &'static str {
+        match self.pass {
+            Some(true) => "PASS",
+            Some(false) => "**FAIL**",
+            None => "–",
+        }
+    }
+}
+
+/// `checks` as a markdown table.
+pub fn checks_markdown(s: &mut String, checks: &[Check]) {
+    if checks.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "\n| check | measured | target | result |");
+    let _ = writeln!(s, "|---|---:|---|---|");
+    for c in checks {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} |",
+            c.what,
+            c.measured,
+            if c.target.is_empty() {
+                "–"
+            } else {
+                &c.target
+            },
+            c.verdict()
+        );
+    }
+}
+
 /// `1234567.8` → `1,234,568`.
 pub fn thousands(v: f64) -> String {
     let n = v.round().max(0.0) as u64;
@@ -413,11 +535,13 @@ pub fn ms(us: f64) -> String {
     }
 }
 
-fn mib(kib: u64) -> String {
+/// KiB → MiB with one decimal.
+pub fn mib(kib: u64) -> String {
     format!("{:.1}", kib as f64 / 1024.0)
 }
 
-fn opt<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
+/// `f(v)`, or `–` when `v` is `None`.
+pub fn opt<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
     v.map_or_else(|| "–".to_string(), f)
 }
 
@@ -555,25 +679,98 @@ pub fn markdown(r: &Report) -> String {
             let _ = writeln!(s);
         }
         for ratio in &sum.ratios {
+            let _ = writeln!(s, "{}", ratio.line());
+        }
+    }
+    if let Some(a) = &r.auth {
+        auth_markdown(&mut s, a);
+    }
+    if let Some(l) = &r.l1 {
+        let _ = writeln!(s, "\n### l1\n\n{}", l.method);
+        let _ = writeln!(
+            s,
+            "\n| instance | L1 cap MiB | keys fed | body MiB fed | req/s | errors | L1 entries | L1 MiB (max sampled) | RSS before → after MiB | peak RSS MiB |"
+        );
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---|---|---:|");
+        for (name, f) in [("10k keys", &l.keys), ("byte cap", &l.cap)] {
+            let mb = |b: f64| format!("{:.1}", b / 1048576.0);
             let _ = writeln!(
                 s,
-                "* {} {}: {} → median **{}**",
-                ratio.name,
-                ratio.metric,
-                ratio
-                    .per_round
-                    .iter()
-                    .map(|v| format!("{v:.3}"))
-                    .collect::<Vec<_>>()
-                    .join(" · "),
-                opt(ratio.median, |m| format!("{m:.3}"))
+                "| {name} | {} | {} | {} | {} | {} | {} | {} ({}) | {} → {} | {} |",
+                f.l1_max_bytes / 1048576,
+                thousands(f.keys as f64),
+                mb(f.body_bytes_fed as f64),
+                thousands(f.load.rps),
+                f.load.errors.total(),
+                opt(f.entries, thousands),
+                opt(f.bytes, mb),
+                opt(f.bytes_max_sampled, mb),
+                mib(f.rss_before_kib),
+                mib(f.rss_after_kib),
+                mib(f.peak_rss_kib),
             );
         }
+        checks_markdown(&mut s, &l.checks);
+    }
+    if let Some(o) = &r.outage {
+        let _ = writeln!(s, "\n### outage\n\n{}\n", o.method);
+        super::outage::markdown(&mut s, o);
+        checks_markdown(&mut s, &o.checks);
     }
     if !r.probes.is_empty() {
         let _ = writeln!(s, "\nProbes: {}.", r.probes.join("; "));
     }
     s
+}
+
+fn auth_markdown(s: &mut String, a: &AuthReport) {
+    let _ = writeln!(s, "\n### auth\n\n{}\n", a.method);
+    let _ = writeln!(
+        s,
+        "| variant | req/s (median) | req/s per round | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | CPU µs/req | setup |"
+    );
+    let _ = writeln!(s, "|---|---:|---|---:|---:|---:|---:|---:|---:|---|");
+    for row in &a.rows {
+        let l = row.latency;
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            row.variant,
+            opt(row.rps_median, thousands),
+            row.rps_rounds
+                .iter()
+                .map(|v| thousands(*v))
+                .collect::<Vec<_>>()
+                .join(" · "),
+            opt(l, |l| ms(l.p50_us)),
+            opt(l, |l| ms(l.p90_us)),
+            opt(l, |l| ms(l.p99_us)),
+            opt(l, |l| ms(l.p999_us)),
+            row.errors,
+            opt(row.cpu_us_per_request, |c| format!("{c:.1}")),
+            row.setup,
+        );
+    }
+    let _ = writeln!(s);
+    for ratio in &a.ratios {
+        let _ = writeln!(s, "{}", ratio.line());
+    }
+    if !a.redis_p99_added_us.is_empty() {
+        let _ = writeln!(
+            s,
+            "* p99 added by Redis (redis − local, constant rate): {} ms → median **{}** ms",
+            a.redis_p99_added_us
+                .iter()
+                .map(|v| ms(*v))
+                .collect::<Vec<_>>()
+                .join(" · "),
+            opt(a.redis_p99_added_median_us, ms)
+        );
+    }
+    for n in a.notes.iter().chain(&a.probes) {
+        let _ = writeln!(s, "* {n}");
+    }
+    checks_markdown(s, &a.checks);
 }
 
 /// Writes the report to `dir/<timestamp>.json`; the path.

@@ -7,6 +7,11 @@
 //!   gateway concurrency under misses; throughput should be bounded by the upstream latency.
 //! * `stampede` — 1,000 simultaneous requests for one cold key, upstream 50 ms: upstream calls
 //!   per target and how long the waiters waited.
+//!
+//! Tollgate alone, each with instances of its own (opt-in; see their modules):
+//! * `auth` (`auth.rs`) — `hot` with auth + a key rate limit + quota on vs off (and in Redis).
+//! * `l1` (`l1.rs`) — RSS with 10,000 keys cached; the L1 byte cap under 10× its size.
+//! * `outage` (`outage.rs`) — steady load while the upstream fails and recovers.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,6 +21,7 @@ use mock_upstream::MockUpstream;
 use serde::Serialize;
 
 use super::load::{self, Builtin, LoadResult, Paths, Wrk};
+use super::outage::OutageMode;
 use super::proc;
 use super::report::RunRecord;
 use super::targets::{Server, TargetKind};
@@ -32,6 +38,12 @@ pub enum Scenario {
     Miss,
     /// Many simultaneous requests for one cold key.
     Stampede,
+    /// Hit throughput with auth + key rate limit + quota on vs off (Tollgate only).
+    Auth,
+    /// L1 memory: RSS with 10,000 keys, the byte cap under 10× its size (Tollgate only).
+    L1,
+    /// Steady load through an upstream outage: breaker, stale, retries (Tollgate only).
+    Outage,
 }
 
 impl Scenario {
@@ -42,15 +54,34 @@ impl Scenario {
             Scenario::Zipf => "zipf",
             Scenario::Miss => "miss",
             Scenario::Stampede => "stampede",
+            Scenario::Auth => "auth",
+            Scenario::L1 => "l1",
+            Scenario::Outage => "outage",
         }
     }
 
     /// Whether `kind` takes part (the floor has no cache: it is left out of `miss` and
-    /// `stampede`).
+    /// `stampede`). The Tollgate-only scenarios start instances of their own instead.
     pub fn includes(self, kind: TargetKind) -> bool {
         match self {
             Scenario::Hot | Scenario::Zipf => true,
             Scenario::Miss | Scenario::Stampede => kind.caches(),
+            Scenario::Auth | Scenario::L1 | Scenario::Outage => false,
+        }
+    }
+
+    /// Whether it measures Tollgate alone, with instances configured for it.
+    pub fn tollgate_only(self) -> bool {
+        matches!(self, Scenario::Auth | Scenario::L1 | Scenario::Outage)
+    }
+
+    /// Steps of a Tollgate-only scenario, for the progress bar.
+    pub fn own_steps(self, s: &Settings) -> usize {
+        match self {
+            Scenario::Auth => s.rounds * if s.redis_url.is_empty() { 2 } else { 3 },
+            Scenario::L1 => 2,
+            Scenario::Outage => 1,
+            _ => 0,
         }
     }
 
@@ -59,6 +90,7 @@ impl Scenario {
         match self {
             Scenario::Hot | Scenario::Zipf => Duration::ZERO,
             Scenario::Miss | Scenario::Stampede => s.upstream_delay,
+            Scenario::Auth | Scenario::L1 | Scenario::Outage => Duration::ZERO,
         }
     }
 }
@@ -107,10 +139,33 @@ pub struct Settings {
     /// Per-request timeout of the load generators.
     #[serde(serialize_with = "secs")]
     pub timeout: Duration,
+    /// Redis of the `auth` scenario's Redis-backed variant (empty: skipped).
+    pub redis_url: String,
+    /// Distinct keys cached in the first part of `l1`.
+    pub l1_keys: usize,
+    /// `cache.l1_max_bytes` of the second part of `l1`.
+    pub l1_cap_bytes: u64,
+    /// Requests per second of the `auth` latency runs (below every variant's capacity, so
+    /// p99 shows the checks' cost rather than queueing).
+    pub auth_rate: f64,
+    /// Requests per second of the `outage` load.
+    pub outage_rate: f64,
+    /// `outage`: healthy, upstream failing, recovered.
+    #[serde(serialize_with = "secs3")]
+    pub outage_phases: (Duration, Duration, Duration),
+    /// How the upstream fails in `outage`.
+    pub outage_mode: OutageMode,
 }
 
 fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
+}
+
+fn secs3<S: serde::Serializer>(
+    (a, b, c): &(Duration, Duration, Duration),
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    [a, b, c].map(Duration::as_secs_f64).serialize(s)
 }
 
 /// Cumulative probabilities of a Zipf distribution over `n` keys with exponent `s`:
@@ -153,7 +208,8 @@ pub struct Ctx<'a> {
     pub zipf_file: PathBuf,
 }
 
-const HOT_PATH: &str = "/bench/hot/properties?state=TX&city=Austin";
+/// The one key of `hot` (and `auth`).
+pub const HOT_PATH: &str = "/bench/hot/properties?state=TX&city=Austin";
 
 impl Ctx<'_> {
     fn paths(&self, scenario: Scenario, round: usize, seed: u64) -> Paths {
@@ -169,16 +225,21 @@ impl Ctx<'_> {
                 prefix: format!("/bench/miss/properties?round={round}&k="),
             },
             Scenario::Stampede => Paths::Fixed(format!("/bench/stampede/properties?round={round}")),
+            Scenario::Auth | Scenario::L1 | Scenario::Outage => {
+                unreachable!("Tollgate-only scenarios choose their own paths")
+            }
         }
     }
 
-    /// A closed-loop run: wrk when available, else the built-in generator.
-    fn closed_loop(
+    /// A closed-loop run with `headers` (`Name: value`) on every request: wrk when
+    /// available, else the built-in generator.
+    pub fn closed_loop(
         &self,
         server: &Server,
         paths: &Paths,
         connections: usize,
         duration: Duration,
+        headers: &[String],
     ) -> anyhow::Result<LoadResult> {
         let s = self.settings;
         if s.use_wrk {
@@ -191,6 +252,7 @@ impl Ctx<'_> {
                 timeout: s.timeout,
                 dir: &self.dir,
                 cpu: s.pin.map(|(_, load)| load),
+                headers,
             }
             .run()
         } else {
@@ -203,12 +265,21 @@ impl Ctx<'_> {
                 rate: None,
                 timeout: s.timeout,
                 max_requests: max_requests(duration, 1_000_000.0),
+                headers: headers.to_vec(),
             }
             .run()
         }
     }
 
-    fn constant_rate(&self, server: &Server, paths: &Paths) -> anyhow::Result<LoadResult> {
+    /// A constant-rate run at `rate` req/s with `headers` on every request (built-in
+    /// generator).
+    pub fn constant_rate(
+        &self,
+        server: &Server,
+        paths: &Paths,
+        rate: f64,
+        headers: &[String],
+    ) -> anyhow::Result<LoadResult> {
         let s = self.settings;
         Builtin {
             addr: server.addr,
@@ -216,9 +287,10 @@ impl Ctx<'_> {
             connections: s.connections,
             threads: s.wrk_threads,
             duration: s.duration,
-            rate: Some(s.rate),
+            rate: Some(rate),
             timeout: s.timeout,
-            max_requests: max_requests(s.duration, s.rate),
+            max_requests: max_requests(s.duration, rate),
+            headers: headers.to_vec(),
         }
         .run()
     }
@@ -230,17 +302,17 @@ impl Ctx<'_> {
         match scenario {
             Scenario::Hot => {
                 let paths = self.paths(scenario, 0, 0);
-                self.closed_loop(server, &paths, s.connections, s.hot_warmup)?;
+                self.closed_loop(server, &paths, s.connections, s.hot_warmup, &[])?;
                 let (status, head) = load::get_once(server.addr, HOT_PATH, s.timeout)?;
                 let x_cache = load::header(&head, "x-cache").unwrap_or("-");
                 Ok(Some(format!("{status} X-Cache: {x_cache}")))
             }
             Scenario::Zipf => {
                 let paths = self.paths(scenario, 0, 0xC0FFEE);
-                self.closed_loop(server, &paths, s.connections, s.zipf_warmup)?;
+                self.closed_loop(server, &paths, s.connections, s.zipf_warmup, &[])?;
                 Ok(None)
             }
-            Scenario::Miss | Scenario::Stampede => Ok(None),
+            _ => Ok(None),
         }
     }
 
@@ -265,7 +337,7 @@ impl Ctx<'_> {
                 } else {
                     s.connections
                 };
-                let tp = self.closed_loop(server, &paths, connections, s.duration)?;
+                let tp = self.closed_loop(server, &paths, connections, s.duration, &[])?;
                 let after = proc::usage(pid);
                 let calls = self.mock.calls().saturating_sub(calls_before);
                 record.upstream_calls = calls;
@@ -278,7 +350,7 @@ impl Ctx<'_> {
                 }
                 record.throughput = Some(tp);
                 if scenario != Scenario::Miss {
-                    record.latency = Some(self.constant_rate(server, &paths)?);
+                    record.latency = Some(self.constant_rate(server, &paths, s.rate, &[])?);
                 }
             }
             Scenario::Stampede => {
@@ -292,6 +364,9 @@ impl Ctx<'_> {
                 record.upstream_calls = self.mock.calls().saturating_sub(calls_before);
                 record.cpu_seconds = after.cpu_seconds - before.cpu_seconds;
                 record.stampede = Some(result);
+            }
+            Scenario::Auth | Scenario::L1 | Scenario::Outage => {
+                anyhow::bail!("{} runs its own Tollgate instances", scenario.name())
             }
         }
         let end = proc::usage(pid);
