@@ -376,7 +376,13 @@ fn fetcher(
                 }),
                 Err(e) => {
                     route.metrics.upstream_error(e.kind());
-                    tracing::warn!(upstream = %up.name, path, error = %e, "upstream call failed");
+                    if matches!(e, upstream_client::UpstreamError::Unavailable { .. }) {
+                        // Refused by the open breaker without a call: one line per request
+                        // during an outage would flood the log (the transition is logged).
+                        tracing::debug!(upstream = %up.name, path, error = %e, "upstream call refused");
+                    } else {
+                        tracing::warn!(upstream = %up.name, path, error = %e, "upstream call failed");
+                    }
                     Err(FetchError::Upstream(e))
                 }
             }

@@ -221,7 +221,11 @@ impl<'a> PathGen<'a> {
             paths,
             worker,
             n: 0,
-            rng: SplitMix64(seed ^ (worker as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            // Each worker starts at a hashed point of the sequence. (Starting at
+            // `seed ^ worker * step` made the workers' streams shifted copies of one another:
+            // SplitMix64 advances by that very step, so the workers drew far fewer distinct
+            // keys than they should.)
+            rng: SplitMix64(SplitMix64(seed ^ ((worker as u64) << 32)).next_u64()),
             part: 0,
         }
     }
@@ -1388,6 +1392,28 @@ end
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// 64 connections drawing 40 keys each out of 200 request nearly every key: their
+    /// streams are independent, not shifted copies of one stream.
+    #[test]
+    fn workers_draw_independent_keys() {
+        let paths = Paths::Mix {
+            parts: Arc::new(vec![MixPart {
+                share: 1.0,
+                prefix: "/k=".into(),
+                keys: Some(200),
+            }]),
+            seed: 5,
+        };
+        let mut seen = std::collections::HashSet::new();
+        for worker in 0..64 {
+            let mut g = PathGen::new(&paths, worker);
+            for _ in 0..40 {
+                seen.insert(g.next());
+            }
+        }
+        assert!(seen.len() >= 190, "only {} distinct keys", seen.len());
+    }
 
     #[test]
     fn nearest_rank_percentiles() {
