@@ -556,7 +556,10 @@ impl UpstreamClient {
         }
         let body = match (first, rest) {
             (_, Some(buf)) => buf.freeze(),
-            (Some(only), None) => only,
+            // A copy, not the chunk itself: the chunk is a view into hyper's read buffer
+            // (8 KiB and up), which a cached body would keep alive for its whole life (RSS grew
+            // ~10 KiB per cached 600-byte entry).
+            (Some(only), None) => Bytes::copy_from_slice(&only),
             (None, None) => Bytes::new(),
         };
         Ok(UpstreamResponse {
