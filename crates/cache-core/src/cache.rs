@@ -258,7 +258,13 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
 
         let key = req.signature.key();
         let (flight, fetched, coalesced, fetch) = match self.inner.flights.join(key) {
-            Err(_) => return Err(ServeError::Overloaded),
+            // Too many waiters on this key: a usable stale entry is still an answer.
+            Err(_) => {
+                return match fallback {
+                    Some(stale) => Ok(fallback_served(stale, false, now)),
+                    None => Err(ServeError::Overloaded),
+                };
+            }
             Ok(Join::Leader(leader, own)) => {
                 if !req.force_refresh
                     && let Some(e) = self.lookup(&req.signature).await

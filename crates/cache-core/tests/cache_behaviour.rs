@@ -345,6 +345,42 @@ async fn waiters_beyond_the_bound_are_turned_away() {
     assert_eq!(up.calls(), 1);
 }
 
+/// Turned away because too many wait on the refresh, a request still gets a usable stale
+/// entry rather than an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_beyond_the_bound_get_the_stale_entry() {
+    let h = harness_with(|b| b.max_waiters(2));
+    let req = request("busy-stale=1", policy(10, 0, 600));
+    served(
+        h.cache
+            .serve(req.clone(), Upstream::open().fetch(ok("old")))
+            .await,
+    );
+    h.clock.advance(secs(20)); // past the TTL, inside stale-if-error
+    let up = Upstream::closed();
+    let leader = spawn_serve(&h.cache, &req, up.fetch(ok("new")));
+    eventually("the refresh started", || up.calls() == 1).await;
+    let others: Vec<_> = (0..4)
+        .map(|_| spawn_serve(&h.cache, &req, up.fetch(ok("new"))))
+        .collect();
+    eventually("3 requests were turned away", || {
+        others.iter().filter(|h| h.is_finished()).count() == 3
+    })
+    .await;
+    let (turned_away, waiting): (Vec<_>, Vec<_>) =
+        others.into_iter().partition(|h| h.is_finished());
+    for handle in turned_away {
+        let s = join(handle).await.expect("a stale answer, not Overloaded");
+        assert_eq!((s.status, body(&s)), (CacheStatus::Stale, &b"old"[..]));
+    }
+    up.release();
+    for handle in std::iter::once(leader).chain(waiting) {
+        let s = join(handle).await.expect("the refreshed answer");
+        assert_eq!(body(&s), b"new");
+    }
+    assert_eq!(up.calls(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_fetch_aborts_its_waiters_and_frees_the_key() {
     let h = harness();
