@@ -52,3 +52,21 @@ pub enum PoolError {
     #[error("building the connection pool: {0}")]
     Build(String),
 }
+
+/// A pool of at most `max_size` connections from `manager`; `timeout` bounds waiting for,
+/// opening and recycling one.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+fn build<M: deadpool::managed::Manager>(
+    manager: M,
+    max_size: usize,
+    timeout: std::time::Duration,
+) -> Result<deadpool::managed::Pool<M>, PoolError> {
+    deadpool::managed::Pool::builder(manager)
+        .max_size(max_size)
+        .runtime(deadpool::Runtime::Tokio1)
+        .wait_timeout(Some(timeout))
+        .create_timeout(Some(timeout))
+        .recycle_timeout(Some(timeout))
+        .build()
+        .map_err(|e| PoolError::Build(e.to_string()))
+}

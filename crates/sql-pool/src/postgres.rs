@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use deadpool::Runtime;
 use diesel_async::AsyncPgConnection;
 use diesel_async::pooled_connection::deadpool::Pool as DeadPool;
 use diesel_async::pooled_connection::{
@@ -32,12 +31,5 @@ pub fn connect(url: &str, pool_size: usize, timeout: Duration) -> Result<Pool, P
     // (`is_closed`), and a query failing on a stale one only fails that operation.
     config.recycling_method = RecyclingMethod::Fast;
     let manager = AsyncDieselConnectionManager::<Conn>::new_with_config(url, config);
-    DeadPool::builder(manager)
-        .max_size(pool_size.max(1))
-        .runtime(Runtime::Tokio1)
-        .wait_timeout(Some(timeout))
-        .create_timeout(Some(timeout))
-        .recycle_timeout(Some(timeout))
-        .build()
-        .map_err(|e| PoolError::Build(e.to_string()))
+    crate::build(manager, pool_size.max(1), timeout)
 }

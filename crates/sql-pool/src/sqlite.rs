@@ -8,7 +8,6 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use deadpool::Runtime;
 use diesel::SqliteConnection;
 use diesel_async::pooled_connection::deadpool::Pool as DeadPool;
 use diesel_async::pooled_connection::{
@@ -208,14 +207,11 @@ pub fn connect(
         })
     });
     let manager = AsyncDieselConnectionManager::<Conn>::new_with_config(target, config);
-    DeadPool::builder(manager)
-        .max_size(if in_memory { 1 } else { pool_size.max(1) })
-        .runtime(Runtime::Tokio1)
-        .wait_timeout(Some(timeout))
-        .create_timeout(Some(timeout))
-        .recycle_timeout(Some(timeout))
-        .build()
-        .map_err(|e| PoolError::Build(e.to_string()))
+    crate::build(
+        manager,
+        if in_memory { 1 } else { pool_size.max(1) },
+        timeout,
+    )
 }
 
 #[cfg(test)]
