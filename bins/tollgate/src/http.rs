@@ -88,57 +88,52 @@ struct Dependency {
     error: Option<String>,
 }
 
-async fn ready(state: web::Data<AppState>) -> HttpResponse {
-    let database = match &state.l2 {
-        None => Dependency {
-            state: "disabled",
-            backend: "none",
-            error: None,
-        },
-        Some(l2) => {
-            let probe = l2.ping();
-            match tokio::time::timeout(Duration::from_secs(2), probe).await {
-                Ok(Ok(_)) => Dependency {
-                    state: "up",
-                    backend: state.l2_backend,
-                    error: None,
-                },
-                Ok(Err(e)) => Dependency {
-                    state: "down",
-                    backend: state.l2_backend,
-                    error: Some(e.to_string()),
-                },
-                Err(_) => Dependency {
-                    state: "down",
-                    backend: state.l2_backend,
-                    error: Some("no answer within 2s".into()),
-                },
-            }
-        }
+/// Awaits a dependency's health check for at most `within`: `Err` with what went wrong.
+pub(crate) async fn probe<E: std::fmt::Display>(
+    check: impl std::future::Future<Output = Result<(), E>>,
+    within: Duration,
+) -> Result<(), String> {
+    match tokio::time::timeout(within, check).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {within:?}")),
+    }
+}
+
+impl Dependency {
+    const DISABLED: Dependency = Dependency {
+        state: "disabled",
+        backend: "none",
+        error: None,
     };
-    let redis = match &state.redis {
-        None => Dependency {
-            state: "disabled",
-            backend: "none",
-            error: None,
-        },
-        Some(r) => match tokio::time::timeout(Duration::from_secs(1), r.ping()).await {
-            Ok(Ok(())) => Dependency {
+
+    fn probed(backend: &'static str, result: Result<(), String>) -> Dependency {
+        match result {
+            Ok(()) => Dependency {
                 state: "up",
-                backend: "redis",
+                backend,
                 error: None,
             },
-            Ok(Err(e)) => Dependency {
+            Err(error) => Dependency {
                 state: "down",
-                backend: "redis",
-                error: Some(e.to_string()),
+                backend,
+                error: Some(error),
             },
-            Err(_) => Dependency {
-                state: "down",
-                backend: "redis",
-                error: Some("no answer within 1s".into()),
-            },
-        },
+        }
+    }
+}
+
+async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    let database = match &state.l2 {
+        None => Dependency::DISABLED,
+        Some(l2) => Dependency::probed(
+            state.l2_backend,
+            probe(l2.ping(), Duration::from_secs(2)).await,
+        ),
+    };
+    let redis = match &state.redis {
+        None => Dependency::DISABLED,
+        Some(r) => Dependency::probed("redis", probe(r.ping(), Duration::from_secs(1)).await),
     };
     // The gateway keeps serving when the database or Redis is down (L1, key cache, local
     // limits): degraded, not unready; `degraded` names the dependencies that are down.

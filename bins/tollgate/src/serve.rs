@@ -224,18 +224,10 @@ async fn monitor_dependencies(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let db = match tokio::time::timeout(EVERY, database.ping()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer within {EVERY:?}")),
-        };
+        let db = crate::http::probe(database.ping(), EVERY).await;
         let rd = match &redis {
             None => None,
-            Some(r) => Some(match tokio::time::timeout(EVERY, r.ping()).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("no answer within {EVERY:?}")),
-            }),
+            Some(r) => Some(crate::http::probe(r.ping(), EVERY).await),
         };
         for (i, (name, probe)) in [("database", Some(db)), ("redis", rd)]
             .into_iter()

@@ -69,9 +69,9 @@ pub trait CacheStore: Send + Sync + 'static {
     /// Stores several entries (a write-behind batch), in order, as cheaply as the backend
     /// allows; SQL stores use one transaction: all or none. Default: one [`put`](Self::put)
     /// after the other, stopping at the first error.
-    async fn put_many(&self, entries: Vec<(CacheKey, Arc<Entry>)>) -> Result<()> {
+    async fn put_many(&self, entries: &[(CacheKey, Arc<Entry>)]) -> Result<()> {
         for (key, entry) in entries {
-            self.put(key, entry).await?;
+            self.put(*key, Arc::clone(entry)).await?;
         }
         Ok(())
     }
@@ -113,7 +113,7 @@ impl<S: CacheStore + ?Sized> CacheStore for Arc<S> {
     async fn put(&self, key: CacheKey, entry: Arc<Entry>) -> Result<()> {
         (**self).put(key, entry).await
     }
-    async fn put_many(&self, entries: Vec<(CacheKey, Arc<Entry>)>) -> Result<()> {
+    async fn put_many(&self, entries: &[(CacheKey, Arc<Entry>)]) -> Result<()> {
         (**self).put_many(entries).await
     }
     async fn remove(&self, key: &CacheKey) -> Result<bool> {

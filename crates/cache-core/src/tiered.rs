@@ -195,9 +195,9 @@ async fn write_batch(
     // A pooled connection that the database closed (it restarted) fails once and is dropped;
     // the second try gets a fresh one. A database that is really down fails both (in the
     // background: no request waits on this).
-    let mut result = l2.put_many(batch.clone()).await;
+    let mut result = l2.put_many(&batch).await;
     if result.is_err() {
-        result = l2.put_many(batch).await;
+        result = l2.put_many(&batch).await;
     }
     match result {
         Ok(()) => health.succeeded(),

@@ -289,7 +289,7 @@ async fn check_store(store: Arc<dyn CacheStore>) {
 
     // A batch: every entry stored, a key repeated in it ends with its last entry, and an
     // empty batch is nothing.
-    s.put_many(Vec::new()).await.unwrap();
+    s.put_many(&[]).await.unwrap();
     assert_holds(s, &[]).await;
     let batch: Vec<Entry> = (0..5)
         .map(|i| entry(&format!("batch {i}"), "a", "/r", NOW + 3600 * SEC))
@@ -301,7 +301,7 @@ async fn check_store(store: Arc<dyn CacheStore>) {
         .map(|e| (key(e), Arc::new(e.clone())))
         .collect();
     writes.push((key(&replaced), Arc::new(replaced.clone())));
-    s.put_many(writes).await.unwrap();
+    s.put_many(&writes).await.unwrap();
     s.flush().await.unwrap();
     let expected: Vec<&Entry> = std::iter::once(&replaced).chain(&batch[1..]).collect();
     assert_holds(s, &expected).await;

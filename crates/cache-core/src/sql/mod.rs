@@ -240,7 +240,7 @@ macro_rules! impl_sql_cache_store {
             /// One transaction for the whole batch: one commit instead of one per entry.
             async fn put_many(
                 &self,
-                entries: Vec<($crate::key::CacheKey, std::sync::Arc<$crate::entry::Entry>)>,
+                entries: &[($crate::key::CacheKey, std::sync::Arc<$crate::entry::Entry>)],
             ) -> $crate::error::Result<()> {
                 use diesel_async::AsyncConnection;
                 use $crate::sql::EntryRow;
