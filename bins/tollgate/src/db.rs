@@ -60,9 +60,7 @@ impl Database {
                     std::fs::create_dir_all(dir)
                         .with_context(|| format!("creating directory {}", dir.display()))?;
                 }
-                let mut conn = diesel::SqliteConnection::establish(path)
-                    .with_context(|| format!("opening SQLite database {path}"))?;
-                apply(&mut conn, SQLITE_MIGRATIONS)
+                apply(&mut open_sqlite(path)?, SQLITE_MIGRATIONS)
             }
             Database::Postgres { url } => {
                 let rt = tokio::runtime::Builder::new_multi_thread()
@@ -88,11 +86,7 @@ impl Database {
     /// Migrations not yet applied. Blocking, like [`migrate`](Self::migrate).
     pub fn pending(&self) -> anyhow::Result<Vec<String>> {
         match self {
-            Database::Sqlite { path, .. } => {
-                let mut conn = diesel::SqliteConnection::establish(path)
-                    .with_context(|| format!("opening SQLite database {path}"))?;
-                pending(&mut conn, SQLITE_MIGRATIONS)
-            }
+            Database::Sqlite { path, .. } => pending(&mut open_sqlite(path)?, SQLITE_MIGRATIONS),
             Database::Postgres { url } => {
                 let rt = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(1)
@@ -137,6 +131,17 @@ where
         .run_pending_migrations(migrations)
         .map_err(|e| anyhow::anyhow!("applying migrations: {e}"))?;
     Ok(done.iter().map(ToString::to_string).collect())
+}
+
+/// The SQLite file at `path`, set up as the stores' pools set up theirs: above all, a
+/// database another process is writing (a running gateway) is waited for, not "locked".
+fn open_sqlite(path: &str) -> anyhow::Result<diesel::SqliteConnection> {
+    use diesel::connection::SimpleConnection;
+    let mut conn = diesel::SqliteConnection::establish(path)
+        .with_context(|| format!("opening SQLite database {path}"))?;
+    conn.batch_execute(sql_pool::sqlite::PRAGMAS)
+        .with_context(|| format!("setting up SQLite database {path}"))?;
+    Ok(conn)
 }
 
 fn pending<C>(conn: &mut C, migrations: EmbeddedMigrations) -> anyhow::Result<Vec<String>>
