@@ -1,5 +1,7 @@
 //! Cached responses and how fresh they are.
 
+use std::any::Any;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -42,6 +44,46 @@ pub struct Entry {
     pub stale_if_error_until: UnixMillis,
     /// What one upstream call for this response costs (currency units).
     pub cost: f64,
+    /// Data an embedder derives from this entry once and reuses on every hit (e.g. the
+    /// headers in its HTTP library's types). Not part of the entry's value: never stored,
+    /// ignored by `==`. `Prepared::default()` when building an entry.
+    pub prepared: Prepared,
+}
+
+/// A slot filled at most once with a value derived from its [`Entry`], of a type the embedder
+/// chooses: an HTTP adapter keeps the entry's response headers there, already parsed into its
+/// framework's types, so that a cache hit does not parse them again.
+///
+/// Cloning an entry clones the slot's contents (an `Arc`); two slots always compare equal.
+#[derive(Clone, Default)]
+pub struct Prepared(OnceLock<Arc<dyn Any + Send + Sync>>);
+
+impl Prepared {
+    /// The value of type `T` in the slot, computing it with `prepare` on first use. `None`
+    /// only if the slot already holds a value of another type (two embedders sharing one
+    /// entry); the caller then prepares its value itself each time.
+    pub fn get_or_init<T: Any + Send + Sync>(&self, prepare: impl FnOnce() -> T) -> Option<&T> {
+        self.0
+            .get_or_init(|| Arc::new(prepare()))
+            .as_ref()
+            .downcast_ref::<T>()
+    }
+}
+
+impl PartialEq for Prepared {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "Prepared(..)"
+        } else {
+            "Prepared(empty)"
+        })
+    }
 }
 
 /// Where an entry stands at a given instant.
@@ -86,6 +128,7 @@ impl Entry {
             stale_if_error_until: fresh_until
                 .saturating_add(duration_millis(policy.stale_if_error)),
             cost,
+            prepared: Prepared::default(),
         }
     }
 
@@ -235,6 +278,26 @@ mod tests {
             &policy,
             now,
         )
+    }
+
+    #[test]
+    fn prepared_is_computed_once_shared_by_clones_and_ignored_by_eq() {
+        let e = entry(0);
+        let calls = std::cell::Cell::new(0);
+        let prepare = || {
+            calls.set(calls.get() + 1);
+            e.headers.len() + 7
+        };
+        assert_eq!(e.prepared.get_or_init(prepare), Some(&7));
+        assert_eq!(e.prepared.get_or_init(prepare), Some(&7));
+        assert_eq!(calls.get(), 1);
+        // A clone shares the prepared value; a fresh entry compares equal all the same.
+        let copy = e.clone();
+        assert_eq!(copy.prepared.get_or_init(|| 0usize), Some(&7));
+        assert_eq!(entry(0), e);
+        // Another type than the one stored: `None`, never a wrong value.
+        assert_eq!(e.prepared.get_or_init(|| "other"), None);
+        assert_eq!(format!("{:?}", entry(0).prepared), "Prepared(empty)");
     }
 
     #[test]

@@ -69,7 +69,8 @@ pub use cache::{
 pub use clock::{Clock, ManualClock, SystemClock, UnixMillis, duration_millis};
 pub use coalesce::{Join, Leader, SingleFlight, TooManyWaiters, Waiter};
 pub use entry::{
-    CachePolicy, Entry, Freshness, is_cacheable, is_hop_by_hop, is_private, keep_response_header,
+    CachePolicy, Entry, Freshness, Prepared, is_cacheable, is_hop_by_hop, is_private,
+    keep_response_header,
 };
 pub use error::{CacheError, Result};
 pub use key::{CacheKey, Signature};

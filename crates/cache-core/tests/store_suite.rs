@@ -29,6 +29,7 @@ fn entry(signature: &str, upstream: &str, route: &str, expires_at: UnixMillis) -
         stale_while_revalidate_until: expires_at - 10 * SEC,
         stale_if_error_until: expires_at,
         cost: 0.25,
+        prepared: Default::default(),
     }
 }
 
@@ -55,6 +56,7 @@ fn full_entry(signature: &str) -> Entry {
         stale_while_revalidate_until: NOW + 90 * SEC,
         stale_if_error_until: i64::MAX,
         cost: 1.0 / 3.0,
+        prepared: Default::default(),
     }
 }
 

@@ -116,6 +116,7 @@ impl EntryRow {
             stale_while_revalidate_until: self.swr_until,
             stale_if_error_until: self.sie_until,
             cost: self.cost,
+            prepared: Default::default(),
         })
     }
 }
