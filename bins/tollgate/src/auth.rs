@@ -2,10 +2,12 @@
 //! in-process key cache, or, when `auth.required = false`, an anonymous client identified by
 //! `X-Client-Id` or its IP address.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use actix_web::HttpRequest;
 use actix_web::http::StatusCode;
+use actix_web::http::header::HeaderName;
 use keystore::{KeyCache, KeyError, KeyRecord};
 
 use crate::error::ApiError;
@@ -16,7 +18,27 @@ pub enum Identity {
     /// A verified API key.
     Key(Arc<KeyRecord>),
     /// No key (anonymous mode): `X-Client-Id` or the peer IP.
-    Anonymous(String),
+    Anonymous(Client),
+}
+
+/// An anonymous client, kept unformatted: most requests never need its name (no client or
+/// route rate limit), so the hit path does not build one.
+#[derive(Debug, Clone)]
+pub enum Client {
+    /// A sane `X-Client-Id`.
+    Id(String),
+    /// The peer address (`None` when the transport has none).
+    Ip(Option<IpAddr>),
+}
+
+impl std::fmt::Display for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Client::Id(id) => write!(f, "id:{id}"),
+            Client::Ip(Some(ip)) => write!(f, "ip:{ip}"),
+            Client::Ip(None) => f.write_str("ip:unknown"),
+        }
+    }
 }
 
 impl Identity {
@@ -37,11 +59,15 @@ impl Identity {
     }
 }
 
+// Looked up by a prepared name: a `&str` name is parsed again on every lookup.
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+static X_CLIENT_ID: HeaderName = HeaderName::from_static("x-client-id");
+
 /// The key a request presents, if any.
 fn presented_key(req: &HttpRequest) -> Option<&str> {
     if let Some(v) = req
         .headers()
-        .get("authorization")
+        .get(actix_web::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
     {
         let v = v.trim();
@@ -50,33 +76,29 @@ fn presented_key(req: &HttpRequest) -> Option<&str> {
         }
     }
     req.headers()
-        .get("x-api-key")
+        .get(&X_API_KEY)
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
 }
 
 /// The anonymous client: a sane `X-Client-Id`, else the peer IP.
-fn anonymous_client(req: &HttpRequest) -> String {
+fn anonymous_client(req: &HttpRequest) -> Client {
     if let Some(id) = req
         .headers()
-        .get("x-client-id")
+        .get(&X_CLIENT_ID)
         .and_then(|v| v.to_str().ok())
         && !id.is_empty()
         && id.len() <= 128
         && id.bytes().all(|b| b.is_ascii_graphic())
     {
-        return format!("id:{id}");
+        return Client::Id(id.to_string());
     }
-    match req.peer_addr() {
-        Some(addr) => format!("ip:{}", addr.ip()),
-        None => "ip:unknown".to_string(),
-    }
+    Client::Ip(client_ip(req))
 }
 
 /// The client's IP, for per-IP ingress limits.
-pub fn client_ip(req: &HttpRequest) -> String {
-    req.peer_addr()
-        .map_or_else(|| "unknown".to_string(), |a| a.ip().to_string())
+pub fn client_ip(req: &HttpRequest) -> Option<IpAddr> {
+    req.peer_addr().map(|a| a.ip())
 }
 
 /// Authenticates a request. A presented key must be valid even in anonymous mode; auth never
@@ -85,6 +107,7 @@ pub async fn authenticate(
     keys: &KeyCache,
     required: bool,
     req: &HttpRequest,
+    request_id: &str,
 ) -> Result<Identity, ApiError> {
     let Some(presented) = presented_key(req).filter(|k| !k.is_empty()) else {
         if required {
@@ -101,7 +124,11 @@ pub async fn authenticate(
             Err(ApiError::forbidden(e.to_string()))
         }
         Err(e) => {
-            tracing::warn!(error = %e, "key store unavailable during authentication");
+            tracing::warn!(
+                error = %e,
+                request_id,
+                "key store unavailable during authentication"
+            );
             let mut err = ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "service_unavailable",

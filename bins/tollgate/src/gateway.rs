@@ -11,6 +11,7 @@ use cache_core::{
     Cache, CachePolicy, CacheRequest, CacheStatus, Fetched, Normalizer, ServeError, Served,
 };
 use ratelimit::{Limit, RateLimiter};
+use tracing::Instrument;
 use upstream_client::{OutboundRequest, UpstreamClient, UpstreamError, UpstreamSettings};
 
 use crate::config::{Config, RouteConfig, UpstreamConfig};
@@ -76,6 +77,8 @@ impl UpstreamRuntime {
 
 /// A client request, reduced to what the pipeline needs.
 pub struct ProxyRequest<'a, H> {
+    /// For the logs: everything past a fresh in-memory hit runs in a `request` span with it.
+    pub request_id: &'a str,
     /// Upper-case method.
     pub method: &'a str,
     /// Upstream-relative path as received (starts with `/`).
@@ -221,58 +224,66 @@ impl Gateway {
         {
             return Ok(hit);
         }
-        if let Some(budget_reset) = req.cached_only {
-            return match self.cache.lookup(&cache_req.signature).await {
-                Some(e) if cacheable && e.usable_on_error(self.cache.clock().now_millis()) => {
-                    Ok(self.cache.answer_from(e))
-                }
-                _ => Err(ApiError::quota_exceeded(
-                    "the key's upstream spend budget is used up; only cached answers are served",
-                    Some(budget_reset),
-                )),
+        // Past the in-memory hit, events carry the request id (the upstream fetch, spawned
+        // by the cache, inherits the span). Not before: a span costs about as much as the
+        // rest of a hit's own work.
+        let span = tracing::error_span!("request", request_id = %req.request_id);
+        async move {
+            if let Some(budget_reset) = req.cached_only {
+                return match self.cache.lookup(&cache_req.signature).await {
+                    Some(e) if cacheable && e.usable_on_error(self.cache.clock().now_millis()) => {
+                        Ok(self.cache.answer_from(e))
+                    }
+                    _ => Err(ApiError::quota_exceeded(
+                        "the key's upstream spend budget is used up; only cached answers are served",
+                        Some(budget_reset),
+                    )),
+                };
+            }
+            let query = if cacheable {
+                normalized.query
+            } else {
+                req.query.to_string()
             };
+            let egress = up.egress.map(|l| (Arc::clone(&self.limits.limiter), l));
+            let fetch = fetcher(
+                egress,
+                Arc::clone(up),
+                Arc::clone(route),
+                key_method.to_string(),
+                req.path.to_string(),
+                query,
+                (req.headers)(),
+                req.body,
+            );
+            let result = if cacheable {
+                self.cache.serve(cache_req, fetch).await
+            } else {
+                self.cache.bypass(&cache_req, fetch).await
+            };
+            let served = result.map_err(|e| match e {
+                ServeError::Upstream(FetchError::Upstream(e)) => upstream_api_error(&up.name, &e),
+                ServeError::Upstream(FetchError::Egress { retry_after, .. }) => ApiError::rate_limited(
+                    format!("the egress limit of upstream {} is reached", up.name),
+                    retry_after,
+                ),
+                ServeError::Overloaded => ApiError::upstream_unavailable(
+                    "too many requests are waiting on this upstream call",
+                    1,
+                ),
+                ServeError::Aborted => ApiError::upstream_error("the upstream call was aborted"),
+            })?;
+            // Upstream 4xx pass through; a 5xx with nothing stale to stand in is a 502.
+            if served.entry.status >= 500 {
+                return Err(ApiError::upstream_error(format!(
+                    "upstream {} answered {}",
+                    up.name, served.entry.status
+                )));
+            }
+            Ok(served)
         }
-        let query = if cacheable {
-            normalized.query
-        } else {
-            req.query.to_string()
-        };
-        let egress = up.egress.map(|l| (Arc::clone(&self.limits.limiter), l));
-        let fetch = fetcher(
-            egress,
-            Arc::clone(up),
-            Arc::clone(route),
-            key_method.to_string(),
-            req.path.to_string(),
-            query,
-            (req.headers)(),
-            req.body,
-        );
-        let result = if cacheable {
-            self.cache.serve(cache_req, fetch).await
-        } else {
-            self.cache.bypass(&cache_req, fetch).await
-        };
-        let served = result.map_err(|e| match e {
-            ServeError::Upstream(FetchError::Upstream(e)) => upstream_api_error(&up.name, &e),
-            ServeError::Upstream(FetchError::Egress { retry_after, .. }) => ApiError::rate_limited(
-                format!("the egress limit of upstream {} is reached", up.name),
-                retry_after,
-            ),
-            ServeError::Overloaded => ApiError::upstream_unavailable(
-                "too many requests are waiting on this upstream call",
-                1,
-            ),
-            ServeError::Aborted => ApiError::upstream_error("the upstream call was aborted"),
-        })?;
-        // Upstream 4xx pass through; a 5xx with nothing stale to stand in is a 502.
-        if served.entry.status >= 500 {
-            return Err(ApiError::upstream_error(format!(
-                "upstream {} answered {}",
-                up.name, served.entry.status
-            )));
-        }
-        Ok(served)
+        .instrument(span)
+        .await
     }
 
     /// Fetches every route's `prewarm` paths once, spaced out; returns how many succeeded.
@@ -289,6 +300,7 @@ impl Gateway {
             }
             let (path, query) = target.split_once('?').unwrap_or((target.as_str(), ""));
             let req = ProxyRequest {
+                request_id: "prewarm",
                 method: "GET",
                 path,
                 query,

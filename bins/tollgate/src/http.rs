@@ -6,12 +6,11 @@ use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use actix_web::http::header::{CACHE_CONTROL, CONTENT_LENGTH, HeaderName, HeaderValue, PRAGMA};
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, guard, web};
 use bytes::{Bytes, BytesMut};
-use cache_core::{CacheKey, CacheStatus, CacheStore, PurgeFilter, Served};
+use cache_core::{CacheKey, CacheStatus, CacheStore, Entry, PurgeFilter, Served};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use tracing::Instrument;
 
 use crate::error::ApiError;
 use crate::gateway::{Gateway, ProxyRequest};
@@ -46,34 +45,74 @@ impl AppState {
     }
 
     /// The client's `X-Request-Id` when it is sane, else a new one.
-    fn request_id(&self, req: &HttpRequest) -> String {
-        if let Some(v) = req
-            .headers()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
+    fn request_id(&self, req: &HttpRequest) -> RequestId {
+        if let Some(v) = req.headers().get(&X_REQUEST_ID)
             && !v.is_empty()
             && v.len() <= 64
-            && v.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+            && v.as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
         {
-            return v.to_string();
+            return RequestId(v.clone());
         }
         let n = self.request_counter.fetch_add(1, Ordering::Relaxed);
-        format!("{:08x}{:012x}", self.request_prefix, n)
+        RequestId::generated(self.request_prefix, n)
+    }
+}
+
+/// A request's id as the `X-Request-Id` value it is answered with: the client's own when it is
+/// sane (only `[A-Za-z0-9-_.:]`, so it is also valid text), else 8 hex digits of this
+/// process's random prefix and 12 of a counter.
+pub struct RequestId(HeaderValue);
+
+impl RequestId {
+    fn generated(prefix: u32, n: u64) -> RequestId {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut buf = [0u8; 20];
+        // the prefix in the first 8 digits, the counter's low 48 bits in the last 12
+        for (i, b) in buf[..8].iter_mut().enumerate() {
+            *b = HEX[((prefix >> (28 - 4 * i)) & 0xf) as usize];
+        }
+        for (i, b) in buf[8..].iter_mut().enumerate() {
+            *b = HEX[((n >> (44 - 4 * i)) & 0xf) as usize];
+        }
+        RequestId(HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0")))
+    }
+}
+
+impl std::ops::Deref for RequestId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.0.to_str().unwrap_or_default()
     }
 }
 
 /// Mounts every route.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/health", web::get().to(health))
-        .route("/ready", web::get().to(ready))
-        .route("/metrics", web::get().to(metrics))
-        .route("/admin/cache/purge", web::post().to(purge))
-        .route("/admin/breakers", web::get().to(breakers))
-        .route("/admin/keys", web::post().to(create_key))
-        .route("/admin/keys", web::get().to(list_keys))
-        .route("/admin/keys/{id}", web::delete().to(revoke_key))
-        .default_service(web::to(proxy));
+    // The gateway's own endpoints sit behind one guard (the path's first segment is a reserved
+    // name), so a proxied request is tested once instead of against every endpoint in turn.
+    cfg.service(
+        web::scope("")
+            .guard(guard::fn_guard(|ctx| own_endpoint(ctx.head().uri.path())))
+            .route("/health", web::get().to(health))
+            .route("/ready", web::get().to(ready))
+            .route("/metrics", web::get().to(metrics))
+            .route("/admin/cache/purge", web::post().to(purge))
+            .route("/admin/breakers", web::get().to(breakers))
+            .route("/admin/keys", web::post().to(create_key))
+            .route("/admin/keys", web::get().to(list_keys))
+            .route("/admin/keys/{id}", web::delete().to(revoke_key))
+            // e.g. `/admin/other`: the proxy's JSON 404 (no upstream has a reserved name)
+            .default_service(web::to(proxy)),
+    )
+    .default_service(web::to(proxy));
+}
+
+/// Whether `path` is under one of the gateway's own first segments (`/health`, `/admin/...`).
+fn own_endpoint(path: &str) -> bool {
+    let rest = path.strip_prefix('/').unwrap_or(path);
+    let first = rest.split_once('/').map_or(rest, |(first, _)| first);
+    crate::config::RESERVED_NAMES.contains(&first)
 }
 
 async fn health() -> HttpResponse {
@@ -225,7 +264,7 @@ fn admin_authorized(req: &HttpRequest, token: &str) -> Result<(), ApiError> {
     }
     let given = req
         .headers()
-        .get("authorization")
+        .get(actix_web::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or_else(|| {
@@ -435,12 +474,11 @@ async fn proxy(
     state: web::Data<AppState>,
 ) -> HttpResponse {
     let rid = state.request_id(&req);
-    // Every event logged while serving this request (and its upstream fetch) carries the
-    // request id. At ERROR level so that the span is enabled whenever any event is.
-    let span = tracing::error_span!("request", request_id = %rid);
-    match proxy_inner(&req, payload, &state).instrument(span).await {
+    // Every event logged while serving this request carries its id: a `request_id` field
+    // before the cache, the gateway's `request` span after it (see `Gateway::proxy`).
+    match proxy_inner(&req, payload, &state, &rid).await {
         Ok((served, rate)) => {
-            let mut resp = respond(&req, &served, &rid, &state);
+            let mut resp = respond(&served, &rid);
             if let Some(h) = rate {
                 h.set_on(resp.headers_mut());
             }
@@ -452,14 +490,18 @@ async fn proxy(
                 "upstream_error" | "upstream_timeout" | "upstream_unavailable"
             ) =>
         {
-            tracing::debug!(error = %e, "upstream down; answering the route's fallback");
+            tracing::debug!(
+                error = %e,
+                request_id = &*rid,
+                "upstream down; answering the route's fallback"
+            );
             let status = StatusCode::from_u16(fallback.status).unwrap_or(StatusCode::OK);
             HttpResponse::build(status)
                 .insert_header((X_CACHE.clone(), HeaderValue::from_static("BYPASS")))
                 .insert_header(("x-tollgate-fallback", "true"))
                 .insert_header((X_UPSTREAM_COST.clone(), HeaderValue::from_static("0")))
                 .insert_header(("content-type", fallback.content_type.as_str()))
-                .insert_header((X_REQUEST_ID.clone(), rid.as_str()))
+                .insert_header((X_REQUEST_ID.clone(), rid.0.clone()))
                 .body(fallback.body.clone())
         }
         Err((e, _)) => {
@@ -482,12 +524,13 @@ async fn proxy_inner(
     req: &HttpRequest,
     payload: web::Payload,
     state: &AppState,
+    rid: &str,
 ) -> Result<
     (Served, Option<crate::limits::Headers>),
     (ApiError, Option<crate::config::FallbackConfig>),
 > {
     let mut route_fallback = None;
-    proxy_route(req, payload, state, &mut route_fallback)
+    proxy_route(req, payload, state, rid, &mut route_fallback)
         .await
         .map_err(|e| (e, route_fallback))
 }
@@ -496,6 +539,7 @@ async fn proxy_route(
     req: &HttpRequest,
     mut payload: web::Payload,
     state: &AppState,
+    rid: &str,
     route_fallback: &mut Option<crate::config::FallbackConfig>,
 ) -> Result<(Served, Option<crate::limits::Headers>), ApiError> {
     let server = &state.gateway.config.server;
@@ -522,10 +566,14 @@ async fn proxy_route(
     }
     let method = req.method().as_str();
     let limits = &state.gateway.limits;
-    let ingress = limits.ingress(&crate::auth::client_ip(req)).await?;
-    let identity =
-        crate::auth::authenticate(&state.gateway.keys, state.gateway.config.auth.required, req)
-            .await?;
+    let ingress = limits.ingress(crate::auth::client_ip(req), rid).await?;
+    let identity = crate::auth::authenticate(
+        &state.gateway.keys,
+        state.gateway.config.auth.required,
+        req,
+        rid,
+    )
+    .await?;
     let (up, route) = state.gateway.resolve(upstream, path, method)?;
     if let Some(key) = identity.key()
         && !key.allows_upstream(&up.name)
@@ -535,7 +583,9 @@ async fn proxy_route(
             up.name
         )));
     }
-    let admission = limits.admit(&identity, &up.name, &route, ingress).await?;
+    let admission = limits
+        .admit(&identity, &up.name, &route, ingress, rid)
+        .await?;
     route_fallback.clone_from(&route.fallback);
 
     let limit = server.max_body_bytes.0;
@@ -567,6 +617,7 @@ async fn proxy_route(
         })
     });
     let preq = ProxyRequest {
+        request_id: rid,
         method,
         path,
         query: req.query_string(),
@@ -582,7 +633,7 @@ async fn proxy_route(
     };
     let served = state.gateway.proxy(&up, &route, preq).await?;
     limits
-        .record(&identity, &admission, served.fetched, route.cost)
+        .record(&identity, &admission, served.fetched, route.cost, rid)
         .await;
     Ok((served, admission.tightest))
 }
@@ -591,14 +642,44 @@ static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 static X_UPSTREAM_COST: HeaderName = HeaderName::from_static("x-upstream-cost");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-fn respond(req: &HttpRequest, served: &Served, rid: &str, state: &AppState) -> HttpResponse {
+/// An entry's stored headers in actix-web's types, parsed on the entry's first answer and kept
+/// in its [`cache_core::Prepared`] slot: a hit copies them without parsing again.
+struct ReplayHeaders(Vec<(HeaderName, HeaderValue)>);
+
+impl ReplayHeaders {
+    /// The entry's headers that are valid HTTP (anything else is skipped, as it always was).
+    fn of(entry: &Entry) -> ReplayHeaders {
+        ReplayHeaders(
+            entry
+                .headers
+                .iter()
+                .filter_map(|(k, v)| {
+                    Some((
+                        HeaderName::try_from(k.as_str()).ok()?,
+                        HeaderValue::from_str(v).ok()?,
+                    ))
+                })
+                .collect(),
+        )
+    }
+}
+
+/// The answer to a proxied request: the entry's status, headers and body (shared, not copied),
+/// and Tollgate's own headers.
+fn respond(served: &Served, rid: &RequestId) -> HttpResponse {
     let entry = &served.entry;
     let status = StatusCode::from_u16(entry.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut b = HttpResponse::build(status);
-    for (k, v) in &entry.headers {
-        if let (Ok(k), Ok(v)) = (HeaderName::try_from(k.as_str()), HeaderValue::from_str(v)) {
-            b.append_header((k, v));
+    let owned;
+    let replay = match entry.prepared.get_or_init(|| ReplayHeaders::of(entry)) {
+        Some(r) => r,
+        None => {
+            owned = ReplayHeaders::of(entry);
+            &owned
         }
+    };
+    for (k, v) in &replay.0 {
+        b.append_header((k.clone(), v.clone()));
     }
     b.insert_header((
         X_CACHE.clone(),
@@ -612,13 +693,14 @@ fn respond(req: &HttpRequest, served: &Served, rid: &str, state: &AppState) -> H
         CacheStatus::Miss | CacheStatus::Bypass if served.fetched => entry.cost,
         _ => 0.0,
     };
-    let _ = state;
-    b.insert_header((X_UPSTREAM_COST.clone(), format_cost(cost)));
-    if let Ok(v) = HeaderValue::from_str(rid) {
-        b.insert_header((X_REQUEST_ID.clone(), v));
-    }
+    let cost = if cost == 0.0 {
+        HeaderValue::from_static("0")
+    } else {
+        HeaderValue::from_str(&format_cost(cost)).unwrap_or(HeaderValue::from_static("0"))
+    };
+    b.insert_header((X_UPSTREAM_COST.clone(), cost));
+    b.insert_header((X_REQUEST_ID.clone(), rid.0.clone()));
     // For HEAD, actix sends the headers (Content-Length included) and drops the body.
-    let _ = req;
     b.body(entry.body.clone())
 }
 
@@ -629,4 +711,75 @@ pub fn format_cost(cost: f64) -> String {
     }
     let s = format!("{cost:.6}");
     s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_request_ids_are_prefix_then_counter_in_hex() {
+        assert_eq!(
+            &*RequestId::generated(0x1889_d571, 0x2a),
+            "1889d57100000000002a"
+        );
+        assert_eq!(
+            &*RequestId::generated(u32::MAX, u64::MAX),
+            "ffffffffffffffffffff"
+        );
+    }
+
+    #[test]
+    fn own_endpoints_are_the_reserved_first_segments() {
+        for path in [
+            "/health",
+            "/ready",
+            "/metrics",
+            "/admin/keys",
+            "/admin/keys/x",
+            "/admin",
+        ] {
+            assert!(own_endpoint(path), "{path}");
+        }
+        for path in [
+            "/",
+            "/bench/x",
+            "/healthy",
+            "/Admin/keys",
+            "/api/health",
+            "",
+        ] {
+            assert!(!own_endpoint(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn replayed_headers_skip_what_is_not_valid_http() {
+        let entry = Entry::new(
+            "sig",
+            "up",
+            "/r",
+            200,
+            vec![
+                ("content-type".into(), "application/json".into()),
+                ("bad name".into(), "x".into()),
+                ("x-bad-value".into(), "a\nb".into()),
+                ("x-dup".into(), "1".into()),
+                ("x-dup".into(), "2".into()),
+            ],
+            Bytes::from_static(b"{}"),
+            0.5,
+            &cache_core::CachePolicy::default(),
+            0,
+        );
+        let names: Vec<String> = ReplayHeaders::of(&entry)
+            .0
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?")))
+            .collect();
+        assert_eq!(
+            names,
+            ["content-type: application/json", "x-dup: 1", "x-dup: 2"]
+        );
+    }
 }

@@ -11,6 +11,7 @@
 //! budget is served from the cache only; the request that crosses the budget is counted after
 //! its call, so a budget may be exceeded by one call's cost per concurrent request.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -105,13 +106,19 @@ impl Limits {
     }
 
     /// One rate-limit check; `Ok(headers)` when allowed.
-    async fn check(&self, key: &str, limit: &Limit, what: &str) -> Result<Headers, ApiError> {
+    async fn check(
+        &self,
+        key: &str,
+        limit: &Limit,
+        what: &str,
+        request_id: &str,
+    ) -> Result<Headers, ApiError> {
         let d: Decision = match self.limiter.check(key, limit, 1).await {
             Ok(d) => d,
             Err(e) => {
                 // The limiter applies the Redis failure policy itself; an error left here is
                 // not the client's doing (e.g. a limit the limiter rejects): let it through.
-                tracing::warn!(error = %e, what, "rate limit check failed; allowed");
+                tracing::warn!(error = %e, what, request_id, "rate limit check failed; allowed");
                 return Ok(Headers {
                     limit: u64::from(limit.count),
                     remaining: u64::from(limit.count),
@@ -137,13 +144,22 @@ impl Limits {
     }
 
     /// The per-IP ingress limit, before authentication.
-    pub async fn ingress(&self, ip: &str) -> Result<Option<Headers>, ApiError> {
+    pub async fn ingress(
+        &self,
+        ip: Option<IpAddr>,
+        request_id: &str,
+    ) -> Result<Option<Headers>, ApiError> {
         match &self.per_ip {
             None => Ok(None),
-            Some(limit) => self
-                .check(&format!("ip:{ip}"), limit, "per-IP")
-                .await
-                .map(Some),
+            Some(limit) => {
+                let key = match ip {
+                    Some(ip) => format!("ip:{ip}"),
+                    None => "ip:unknown".to_string(),
+                };
+                self.check(&key, limit, "per-IP", request_id)
+                    .await
+                    .map(Some)
+            }
         }
     }
 
@@ -154,8 +170,8 @@ impl Limits {
         upstream: &str,
         route: &RouteRuntime,
         ingress: Option<Headers>,
+        request_id: &str,
     ) -> Result<Admission, ApiError> {
-        let subject = identity.subject();
         let mut tightest = ingress;
         let key = identity.key();
         let own = key
@@ -167,13 +183,19 @@ impl Limits {
                 )
             })
             .or(self.per_client);
+        // Named only when something is counted under the name (not on an unlimited hit).
+        let subject = if own.is_some() || route.rate_limit.is_some() || key.is_some() {
+            identity.subject()
+        } else {
+            String::new()
+        };
         if let Some(limit) = own {
-            let h = self.check(&subject, &limit, "client").await?;
+            let h = self.check(&subject, &limit, "client", request_id).await?;
             tightest = Some(h.tighter(tightest));
         }
         if let Some(rate) = &route.rate_limit {
             let k = format!("{subject}:route:{upstream}{}", route.path);
-            let h = self.check(&k, rate, "route").await?;
+            let h = self.check(&k, rate, "route", request_id).await?;
             tightest = Some(h.tighter(tightest));
         }
         let mut admission = Admission::default();
@@ -196,7 +218,7 @@ impl Limits {
                     Ok(d) if !d.allowed => None,
                     Ok(d) => Some(d.used),
                     Err(e) => {
-                        tracing::warn!(error = %e, "quota check failed; allowed");
+                        tracing::warn!(error = %e, request_id, "quota check failed; allowed");
                         Some(0)
                     }
                 }
@@ -208,7 +230,7 @@ impl Limits {
                         Some(used)
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "quota check failed; allowed");
+                        tracing::warn!(error = %e, request_id, "quota check failed; allowed");
                         Some(0)
                     }
                 }
@@ -253,7 +275,9 @@ impl Limits {
                     admission.cached_only = admission.cached_only.max(Some(reset));
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "budget check failed; allowed"),
+                Err(e) => {
+                    tracing::warn!(error = %e, request_id, "budget check failed; allowed")
+                }
             }
         }
         admission.tightest = tightest;
@@ -268,6 +292,7 @@ impl Limits {
         admission: &Admission,
         called_upstream: bool,
         cost: f64,
+        request_id: &str,
     ) {
         let Some(key) = identity.key() else { return };
         let subject = identity.subject();
@@ -285,7 +310,11 @@ impl Limits {
                     )
                     .await
                 {
-                    tracing::warn!(error = %e, "counting a request against its quota failed");
+                    tracing::warn!(
+                        error = %e,
+                        request_id,
+                        "counting a request against its quota failed"
+                    );
                 }
             }
         }
@@ -304,7 +333,11 @@ impl Limits {
                     )
                     .await
                 {
-                    tracing::warn!(error = %e, "counting spend against the budget failed");
+                    tracing::warn!(
+                        error = %e,
+                        request_id,
+                        "counting spend against the budget failed"
+                    );
                 }
             }
         }

@@ -18,8 +18,11 @@ use crate::metrics::Metrics;
 fn init_tracing(cfg: &Config) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a person at a terminal: escape codes garble a log file or collector,
+    // and cost time on every formatted span and event.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let result = if cfg.server.log_format == crate::config::LogFormat::Json {
         builder.json().try_init()
