@@ -185,9 +185,16 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
     /// The entry for `signature` if one is stored, whatever its freshness. A stored entry
     /// whose signature differs (an MD5 collision) is not returned and is counted.
     pub async fn lookup(&self, signature: &Signature) -> Option<Arc<Entry>> {
+        self.lookup_in(signature, true).await
+    }
+
+    /// [`Cache::lookup`], asking the store's slower tiers only when `all_tiers` (else only
+    /// what [`CacheStore::peek`] holds: L1).
+    async fn lookup_in(&self, signature: &Signature, all_tiers: bool) -> Option<Arc<Entry>> {
         let key = signature.key();
         let found = match self.inner.store.peek(&key) {
             Some(e) => Some(e),
+            None if !all_tiers => None,
             None => match self.inner.store.get(&key).await {
                 Ok(e) => e,
                 Err(e) => {
@@ -243,8 +250,15 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
         Fut: Future<Output = Result<Fetched, E>> + Send + 'static,
     {
         let now = self.inner.clock.now_millis();
+        let key = req.signature.key();
+        // A fetch for this key is already running (a stampede): join it on what L1 holds,
+        // without one L2 round trip per waiter for the entry being fetched. L2 is asked for a
+        // stale stand-in only if the fetch fails or turns this request away. (An entry only L2
+        // still holds, stale within its revalidate window, then waits for that fetch instead
+        // of being answered at once.)
+        let l1_only = !req.force_refresh && self.inner.flights.is_running(&key);
         let mut fallback = None;
-        if let Some(e) = self.lookup(&req.signature).await {
+        if let Some(e) = self.lookup_in(&req.signature, !l1_only).await {
             match (e.freshness(now), req.force_refresh) {
                 (Freshness::Fresh, false) => return Ok(served(e, CacheStatus::Hit, now)),
                 (Freshness::StaleWhileRevalidate, false) => {
@@ -256,10 +270,15 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
             }
         }
 
-        let key = req.signature.key();
         let (flight, fetched, coalesced, fetch) = match self.inner.flights.join(key) {
             // Too many waiters on this key: a usable stale entry is still an answer.
             Err(_) => {
+                if fallback.is_none() && l1_only {
+                    fallback = self
+                        .lookup(&req.signature)
+                        .await
+                        .filter(|e| e.usable_on_error(now));
+                }
                 return match fallback {
                     Some(stale) => Ok(fallback_served(stale, false, now)),
                     None => Err(ServeError::Overloaded),
@@ -283,6 +302,17 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
             }
         };
         let now = self.inner.clock.now_millis();
+        let failed = match &flight {
+            Some(Flight::Failed(_)) => true,
+            Some(Flight::Shared(e, _) | Flight::Private(e)) => e.status >= 500,
+            None => false,
+        };
+        if failed && fallback.is_none() && l1_only {
+            fallback = self
+                .lookup(&req.signature)
+                .await
+                .filter(|e| e.usable_on_error(now));
+        }
         match flight {
             None => Err(ServeError::Aborted),
             Some(Flight::Failed(e)) => match fallback {

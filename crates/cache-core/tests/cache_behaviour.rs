@@ -970,3 +970,116 @@ async fn a_cache_over_a_cold_tiered_store_hits_l2() {
     assert_eq!(up.calls(), 0);
     assert_eq!(cold.stats().l2_hits.load(Ordering::SeqCst), 1);
 }
+
+/// A real memory store that counts the lookups reaching it.
+struct CountingStore {
+    inner: MemoryStore,
+    gets: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl CacheStore for CountingStore {
+    fn name(&self) -> &'static str {
+        "counting"
+    }
+    async fn get(&self, key: &CacheKey) -> cache_core::Result<Option<Arc<Entry>>> {
+        self.gets.fetch_add(1, Ordering::SeqCst);
+        self.inner.get(key).await
+    }
+    async fn put(&self, key: CacheKey, entry: Arc<Entry>) -> cache_core::Result<()> {
+        self.inner.put(key, entry).await
+    }
+    async fn remove(&self, key: &CacheKey) -> cache_core::Result<bool> {
+        self.inner.remove(key).await
+    }
+    async fn purge(&self, filter: &cache_core::PurgeFilter) -> cache_core::Result<u64> {
+        self.inner.purge(filter).await
+    }
+    async fn sweep_expired(&self, now: i64, max: usize) -> cache_core::Result<u64> {
+        self.inner.sweep_expired(now, max).await
+    }
+    async fn usage(&self) -> cache_core::Result<cache_core::StoreUsage> {
+        self.inner.usage().await
+    }
+}
+
+fn counted_tiers(clock: &Arc<ManualClock>) -> (Arc<CountingStore>, Arc<TieredStore>) {
+    let l2 = Arc::new(CountingStore {
+        inner: MemoryStore::with_clock(8 << 20, clock.clone()),
+        gets: AtomicUsize::new(0),
+    });
+    let tiers = Arc::new(TieredStore::new(
+        MemoryStore::with_clock(8 << 20, clock.clone()),
+        l2.clone(),
+        4,
+    ));
+    (l2, tiers)
+}
+
+/// A stampede on a cold key: the requests that find a fetch running join it on what L1 holds,
+/// instead of each asking L2 for the entry being fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_on_a_running_fetch_do_not_query_l2() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let (l2, tiers) = counted_tiers(&clock);
+    let cache = Cache::<String>::builder(tiers).clock(clock.clone()).build();
+    let req = request("stampede=1", policy(60, 0, 0));
+    let up = Upstream::closed();
+    let leader = spawn_serve(&cache, &req, up.fetch(ok("x")));
+    eventually("the fetch started", || up.calls() == 1).await;
+    let before = l2.gets.load(Ordering::SeqCst);
+    assert!(before >= 1, "the leader looked in L2");
+    let waiters: Vec<_> = (0..20)
+        .map(|_| spawn_serve(&cache, &req, up.fetch(ok("x"))))
+        .collect();
+    eventually("20 requests wait", || coalesced(&cache) == 20).await;
+    assert_eq!(l2.gets.load(Ordering::SeqCst), before, "a waiter asked L2");
+    up.release();
+    for handle in std::iter::once(leader).chain(waiters) {
+        assert_eq!(body(&served(join(handle).await)), b"x");
+    }
+    assert_eq!(up.calls(), 1);
+}
+
+/// The waiters that skipped L2 still get the stale entry only L2 holds when the fetch fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_of_a_failed_fetch_get_the_stale_entry_from_l2() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let (l2, tiers) = counted_tiers(&clock);
+    let cache = Cache::<String>::builder(tiers.clone())
+        .clock(clock.clone())
+        .build();
+    let req = request("stale-in-l2=1", policy(10, 0, 600));
+    let key = req.signature.key();
+    let mut old = Entry::new(
+        req.signature.as_str(),
+        "up",
+        "/r",
+        200,
+        vec![],
+        Bytes::from_static(b"old"),
+        0.25,
+        &req.policy,
+        T0,
+    );
+    old.headers
+        .push(("content-type".into(), "text/plain".into()));
+    l2.put(key, Arc::new(old)).await.expect("put");
+    clock.advance(secs(20)); // past the TTL, inside stale-if-error
+
+    let up = Upstream::closed();
+    let leader = spawn_serve(&cache, &req, up.fetch(Err("down".into())));
+    eventually("the refresh started", || up.calls() == 1).await;
+    // L1 lost its copy (evicted) while the refresh runs.
+    tiers.l1().remove(&key).await.expect("remove");
+    let waiters: Vec<_> = (0..5)
+        .map(|_| spawn_serve(&cache, &req, up.fetch(Err("down".into()))))
+        .collect();
+    eventually("5 requests wait", || coalesced(&cache) == 5).await;
+    up.release();
+    for handle in std::iter::once(leader).chain(waiters) {
+        let s = served(join(handle).await);
+        assert_eq!((s.status, body(&s)), (CacheStatus::Stale, &b"old"[..]));
+    }
+    assert_eq!(up.calls(), 1);
+}
