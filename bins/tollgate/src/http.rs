@@ -5,15 +5,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
-use actix_web::http::header::{CACHE_CONTROL, CONTENT_LENGTH, HeaderName, HeaderValue, PRAGMA};
+use actix_web::http::header::{CACHE_CONTROL, CONTENT_LENGTH, HeaderValue, PRAGMA};
 use actix_web::{HttpRequest, HttpResponse, guard, web};
 use bytes::{Bytes, BytesMut};
-use cache_core::{CacheKey, CacheStatus, CacheStore, Entry, PurgeFilter, Served};
+use cache_core::{CacheKey, CacheStore, PurgeFilter, Served};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
 use crate::gateway::{Gateway, ProxyRequest};
+use crate::response::{RequestId, X_CACHE, X_REQUEST_ID, X_UPSTREAM_COST, respond};
 
 /// Shared by every worker.
 pub struct AppState {
@@ -53,37 +54,10 @@ impl AppState {
                 .iter()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
         {
-            return RequestId(v.clone());
+            return RequestId::from_client(v);
         }
         let n = self.request_counter.fetch_add(1, Ordering::Relaxed);
         RequestId::generated(self.request_prefix, n)
-    }
-}
-
-/// A request's id as the `X-Request-Id` value it is answered with: the client's own when it is
-/// sane (only `[A-Za-z0-9-_.:]`, so it is also valid text), else 8 hex digits of this
-/// process's random prefix and 12 of a counter.
-pub struct RequestId(HeaderValue);
-
-impl RequestId {
-    fn generated(prefix: u32, n: u64) -> RequestId {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut buf = [0u8; 20];
-        // the prefix in the first 8 digits, the counter's low 48 bits in the last 12
-        for (i, b) in buf[..8].iter_mut().enumerate() {
-            *b = HEX[((prefix >> (28 - 4 * i)) & 0xf) as usize];
-        }
-        for (i, b) in buf[8..].iter_mut().enumerate() {
-            *b = HEX[((n >> (44 - 4 * i)) & 0xf) as usize];
-        }
-        RequestId(HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0")))
-    }
-}
-
-impl std::ops::Deref for RequestId {
-    type Target = str;
-    fn deref(&self) -> &str {
-        self.0.to_str().unwrap_or_default()
     }
 }
 
@@ -501,7 +475,7 @@ async fn proxy(
                 .insert_header(("x-tollgate-fallback", "true"))
                 .insert_header((X_UPSTREAM_COST.clone(), HeaderValue::from_static("0")))
                 .insert_header(("content-type", fallback.content_type.as_str()))
-                .insert_header((X_REQUEST_ID.clone(), rid.0.clone()))
+                .insert_header((X_REQUEST_ID.clone(), rid.header()))
                 .body(fallback.body.clone())
         }
         Err((e, _)) => {
@@ -638,96 +612,11 @@ async fn proxy_route(
     Ok((served, admission.tightest))
 }
 
-static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
-static X_UPSTREAM_COST: HeaderName = HeaderName::from_static("x-upstream-cost");
-static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// An entry's stored headers in actix-web's types, parsed on the entry's first answer and kept
-/// in its [`cache_core::Prepared`] slot: a hit copies them without parsing again.
-struct ReplayHeaders(Vec<(HeaderName, HeaderValue)>);
-
-impl ReplayHeaders {
-    /// The entry's headers that are valid HTTP (anything else is skipped, as it always was).
-    fn of(entry: &Entry) -> ReplayHeaders {
-        ReplayHeaders(
-            entry
-                .headers
-                .iter()
-                .filter_map(|(k, v)| {
-                    Some((
-                        HeaderName::try_from(k.as_str()).ok()?,
-                        HeaderValue::from_str(v).ok()?,
-                    ))
-                })
-                .collect(),
-        )
-    }
-}
-
-/// The answer to a proxied request: the entry's status, headers and body (shared, not copied),
-/// and Tollgate's own headers.
-fn respond(served: &Served, rid: &RequestId) -> HttpResponse {
-    let entry = &served.entry;
-    let status = StatusCode::from_u16(entry.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    let mut b = HttpResponse::build(status);
-    let owned;
-    let replay = match entry.prepared.get_or_init(|| ReplayHeaders::of(entry)) {
-        Some(r) => r,
-        None => {
-            owned = ReplayHeaders::of(entry);
-            &owned
-        }
-    };
-    for (k, v) in &replay.0 {
-        b.append_header((k.clone(), v.clone()));
-    }
-    b.insert_header((
-        X_CACHE.clone(),
-        HeaderValue::from_static(served.status.as_str()),
-    ));
-    if matches!(served.status, CacheStatus::Hit | CacheStatus::Stale) {
-        b.insert_header((actix_web::http::header::AGE, served.age_secs));
-    }
-    // HIT and STALE answers cost the client nothing, even when a failed call stood behind them.
-    let cost = match served.status {
-        CacheStatus::Miss | CacheStatus::Bypass if served.fetched => entry.cost,
-        _ => 0.0,
-    };
-    let cost = if cost == 0.0 {
-        HeaderValue::from_static("0")
-    } else {
-        HeaderValue::from_str(&format_cost(cost)).unwrap_or(HeaderValue::from_static("0"))
-    };
-    b.insert_header((X_UPSTREAM_COST.clone(), cost));
-    b.insert_header((X_REQUEST_ID.clone(), rid.0.clone()));
-    // For HEAD, actix sends the headers (Content-Length included) and drops the body.
-    b.body(entry.body.clone())
-}
-
-/// A cost as a header value: plain decimal, no exponent, no trailing zeros.
-pub fn format_cost(cost: f64) -> String {
-    if cost == 0.0 {
-        return "0".into();
-    }
-    let s = format!("{cost:.6}");
-    s.trim_end_matches('0').trim_end_matches('.').to_string()
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use cache_core::{CacheStatus, Entry, Served};
 
-    #[test]
-    fn generated_request_ids_are_prefix_then_counter_in_hex() {
-        assert_eq!(
-            &*RequestId::generated(0x1889_d571, 0x2a),
-            "1889d57100000000002a"
-        );
-        assert_eq!(
-            &*RequestId::generated(u32::MAX, u64::MAX),
-            "ffffffffffffffffffff"
-        );
-    }
+    use super::*;
 
     #[test]
     fn own_endpoints_are_the_reserved_first_segments() {
@@ -754,7 +643,19 @@ mod tests {
     }
 
     #[test]
-    fn replayed_headers_skip_what_is_not_valid_http() {
+    fn generated_request_ids_are_prefix_then_counter_in_hex() {
+        assert_eq!(
+            &*RequestId::generated(0x1889_d571, 0x2a),
+            "1889d57100000000002a"
+        );
+        assert_eq!(
+            &*RequestId::generated(u32::MAX, u64::MAX),
+            "ffffffffffffffffffff"
+        );
+    }
+
+    #[test]
+    fn a_hit_replays_the_valid_entry_headers_and_adds_its_own() {
         let entry = Entry::new(
             "sig",
             "up",
@@ -772,14 +673,36 @@ mod tests {
             &cache_core::CachePolicy::default(),
             0,
         );
-        let names: Vec<String> = ReplayHeaders::of(&entry)
-            .0
-            .iter()
-            .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?")))
-            .collect();
-        assert_eq!(
-            names,
-            ["content-type: application/json", "x-dup: 1", "x-dup: 2"]
-        );
+        let served = Served {
+            entry: std::sync::Arc::new(entry),
+            status: CacheStatus::Hit,
+            age_secs: 3,
+            fetched: false,
+            coalesced: false,
+            stored: true,
+        };
+        let rid = RequestId::generated(1, 2);
+        // Twice: the first answer prepares the headers, the second replays them.
+        for _ in 0..2 {
+            let resp = respond(&served, &rid);
+            let mut headers: Vec<String> = resp
+                .headers()
+                .iter()
+                .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?")))
+                .collect();
+            headers.sort();
+            assert_eq!(
+                headers,
+                [
+                    "age: 3",
+                    "content-type: application/json",
+                    "x-cache: HIT",
+                    "x-dup: 1",
+                    "x-dup: 2",
+                    "x-request-id: 00000001000000000002",
+                    "x-upstream-cost: 0",
+                ]
+            );
+        }
     }
 }

@@ -12,6 +12,7 @@ mod http;
 mod keys;
 mod limits;
 mod metrics;
+mod response;
 mod serve;
 
 use std::net::SocketAddr;

@@ -6,8 +6,8 @@
 //! cargo bench -p cache-core --bench hot_path -- peek   # a subset
 //! ```
 //!
-//! Serializing an entry into an HTTP response lives in the binary (`bins/tollgate`), which
-//! has no library target to bench against; `cargo xtask bench` measures the whole path.
+//! Serializing an entry into an HTTP response lives in the binary: `cargo bench -p tollgate
+//! --bench respond`. `cargo xtask bench` measures the whole path.
 #![allow(missing_docs)] // criterion's macros generate undocumented public functions
 
 use std::collections::BTreeMap;

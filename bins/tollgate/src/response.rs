@@ -1,0 +1,122 @@
+//! The answer to a proxied request, built from a cache entry: the entry's status, headers and
+//! body, and Tollgate's own headers (`X-Cache`, `Age`, `X-Upstream-Cost`, `X-Request-Id`).
+//!
+//! Depends only on actix-web and cache-core, so that `benches/respond.rs` measures it as is.
+
+use actix_web::HttpResponse;
+use actix_web::http::StatusCode;
+use actix_web::http::header::{HeaderName, HeaderValue};
+use cache_core::{CacheStatus, Entry, Served};
+
+/// A request's id as the `X-Request-Id` value it is answered with: the client's own when it is
+/// sane (only `[A-Za-z0-9-_.:]`, so it is also valid text), else 8 hex digits of this
+/// process's random prefix and 12 of a counter.
+pub struct RequestId(HeaderValue);
+
+impl RequestId {
+    /// The client's own id (already checked to be short and plain ASCII).
+    pub fn from_client(value: &HeaderValue) -> RequestId {
+        RequestId(value.clone())
+    }
+
+    /// The header value.
+    pub fn header(&self) -> HeaderValue {
+        self.0.clone()
+    }
+
+    /// A new id: `prefix`, then the low 48 bits of `n`, in hex.
+    pub fn generated(prefix: u32, n: u64) -> RequestId {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut buf = [0u8; 20];
+        // the prefix in the first 8 digits, the counter's low 48 bits in the last 12
+        for (i, b) in buf[..8].iter_mut().enumerate() {
+            *b = HEX[((prefix >> (28 - 4 * i)) & 0xf) as usize];
+        }
+        for (i, b) in buf[8..].iter_mut().enumerate() {
+            *b = HEX[((n >> (44 - 4 * i)) & 0xf) as usize];
+        }
+        RequestId(HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0")))
+    }
+}
+
+impl std::ops::Deref for RequestId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.0.to_str().unwrap_or_default()
+    }
+}
+
+pub static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+pub static X_UPSTREAM_COST: HeaderName = HeaderName::from_static("x-upstream-cost");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// An entry's stored headers in actix-web's types, parsed on the entry's first answer and kept
+/// in its [`cache_core::Prepared`] slot: a hit copies them without parsing again.
+struct ReplayHeaders(Vec<(HeaderName, HeaderValue)>);
+
+impl ReplayHeaders {
+    /// The entry's headers that are valid HTTP (anything else is skipped, as it always was).
+    fn of(entry: &Entry) -> ReplayHeaders {
+        ReplayHeaders(
+            entry
+                .headers
+                .iter()
+                .filter_map(|(k, v)| {
+                    Some((
+                        HeaderName::try_from(k.as_str()).ok()?,
+                        HeaderValue::from_str(v).ok()?,
+                    ))
+                })
+                .collect(),
+        )
+    }
+}
+
+/// The answer to a proxied request: the entry's status, headers and body (shared, not copied),
+/// and Tollgate's own headers.
+pub fn respond(served: &Served, rid: &RequestId) -> HttpResponse {
+    let entry = &served.entry;
+    let status = StatusCode::from_u16(entry.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut b = HttpResponse::build(status);
+    let owned;
+    let replay = match entry.prepared.get_or_init(|| ReplayHeaders::of(entry)) {
+        Some(r) => r,
+        None => {
+            owned = ReplayHeaders::of(entry);
+            &owned
+        }
+    };
+    for (k, v) in &replay.0 {
+        b.append_header((k.clone(), v.clone()));
+    }
+    b.insert_header((
+        X_CACHE.clone(),
+        HeaderValue::from_static(served.status.as_str()),
+    ));
+    if matches!(served.status, CacheStatus::Hit | CacheStatus::Stale) {
+        b.insert_header((actix_web::http::header::AGE, served.age_secs));
+    }
+    // HIT and STALE answers cost the client nothing, even when a failed call stood behind them.
+    let cost = match served.status {
+        CacheStatus::Miss | CacheStatus::Bypass if served.fetched => entry.cost,
+        _ => 0.0,
+    };
+    let cost = if cost == 0.0 {
+        HeaderValue::from_static("0")
+    } else {
+        HeaderValue::from_str(&format_cost(cost)).unwrap_or(HeaderValue::from_static("0"))
+    };
+    b.insert_header((X_UPSTREAM_COST.clone(), cost));
+    b.insert_header((X_REQUEST_ID.clone(), rid.header()));
+    // For HEAD, actix sends the headers (Content-Length included) and drops the body.
+    b.body(entry.body.clone())
+}
+
+/// A cost as a header value: plain decimal, no exponent, no trailing zeros.
+pub fn format_cost(cost: f64) -> String {
+    if cost == 0.0 {
+        return "0".into();
+    }
+    let s = format!("{cost:.6}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
