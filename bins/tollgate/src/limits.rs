@@ -152,10 +152,7 @@ impl Limits {
         match &self.per_ip {
             None => Ok(None),
             Some(limit) => {
-                let key = match ip {
-                    Some(ip) => format!("ip:{ip}"),
-                    None => "ip:unknown".to_string(),
-                };
+                let key = crate::auth::Client::Ip(ip).to_string();
                 self.check(&key, limit, "per-IP", request_id)
                     .await
                     .map(Some)

@@ -188,6 +188,17 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
         self.lookup_in(signature, true).await
     }
 
+    /// The stored entry (any tier) if it may stand in for a failed answer at `now`.
+    async fn stale_stand_in(
+        &self,
+        signature: &Signature,
+        now: crate::clock::UnixMillis,
+    ) -> Option<Arc<Entry>> {
+        self.lookup(signature)
+            .await
+            .filter(|e| e.usable_on_error(now))
+    }
+
     /// [`Cache::lookup`], asking the store's slower tiers only when `all_tiers` (else only
     /// what [`CacheStore::peek`] holds: L1).
     async fn lookup_in(&self, signature: &Signature, all_tiers: bool) -> Option<Arc<Entry>> {
@@ -274,10 +285,7 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
             // Too many waiters on this key: a usable stale entry is still an answer.
             Err(_) => {
                 if fallback.is_none() && l1_only {
-                    fallback = self
-                        .lookup(&req.signature)
-                        .await
-                        .filter(|e| e.usable_on_error(now));
+                    fallback = self.stale_stand_in(&req.signature, now).await;
                 }
                 return match fallback {
                     Some(stale) => Ok(fallback_served(stale, false, now)),
@@ -308,10 +316,7 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
             None => false,
         };
         if failed && fallback.is_none() && l1_only {
-            fallback = self
-                .lookup(&req.signature)
-                .await
-                .filter(|e| e.usable_on_error(now));
+            fallback = self.stale_stand_in(&req.signature, now).await;
         }
         match flight {
             None => Err(ServeError::Aborted),
