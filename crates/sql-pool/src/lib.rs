@@ -70,3 +70,146 @@ fn build<M: deadpool::managed::Manager>(
         .build()
         .map_err(|e| PoolError::Build(e.to_string()))
 }
+
+/// A query that the connection keeps prepared, where diesel would parse it again on every call.
+///
+/// diesel refuses to keep some statements prepared, among them every `INSERT … ON CONFLICT DO
+/// UPDATE`: their SQL text may differ from one call to the next (a changeset with `None` fields
+/// leaves them out). Wrapped in this, the statement is cached under its SQL text, never under its
+/// Rust type, so a different text is a different cached statement and reusing one is always
+/// right: only the parse (and, for PostgreSQL, the plan) on every call goes away.
+///
+/// Do not wrap a query whose text embeds values (a `sql_query` with literals): the connection
+/// would keep every distinct text.
+///
+/// ```
+/// # #[cfg(feature = "sqlite")]
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use diesel::prelude::*;
+/// use diesel::upsert::excluded;
+/// use diesel_async::RunQueryDsl;
+/// diesel::table! { counters (name) { name -> Text, n -> BigInt, } }
+///
+/// let pool = sql_pool::sqlite::connect(
+///     "sqlite::memory:",
+///     1,
+///     &["CREATE TABLE counters (name TEXT PRIMARY KEY, n BIGINT NOT NULL)"],
+///     std::time::Duration::from_secs(2),
+/// )?;
+/// let mut conn = pool.get().await?;
+/// for _ in 0..3 {
+///     let upsert = diesel::insert_into(counters::table)
+///         .values((counters::name.eq("hits"), counters::n.eq(1_i64)))
+///         .on_conflict(counters::name)
+///         .do_update()
+///         .set(counters::n.eq(counters::n + excluded(counters::n)));
+///     sql_pool::KeepPrepared(upsert).execute(&mut conn).await?;
+/// }
+/// let n: i64 = counters::table.select(counters::n).first(&mut conn).await?;
+/// assert_eq!(n, 3);
+/// # Ok(())
+/// # }
+/// # #[cfg(not(feature = "sqlite"))]
+/// # fn main() {}
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct KeepPrepared<Q>(pub Q);
+
+impl<Q> diesel::query_builder::QueryId for KeepPrepared<Q> {
+    type QueryId = ();
+    // No static id: the statement cache keys this query by its SQL text.
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl<DB, Q> diesel::query_builder::QueryFragment<DB> for KeepPrepared<Q>
+where
+    DB: diesel::backend::Backend,
+    Q: diesel::query_builder::QueryFragment<DB>,
+{
+    fn walk_ast<'b>(
+        &'b self,
+        pass: diesel::query_builder::AstPass<'_, 'b, DB>,
+    ) -> diesel::QueryResult<()> {
+        self.0.walk_ast(pass)
+    }
+
+    fn is_safe_to_cache_prepared(&self, _backend: &DB) -> diesel::QueryResult<bool> {
+        Ok(true)
+    }
+}
+
+impl<Q: diesel::query_builder::Query> diesel::query_builder::Query for KeepPrepared<Q> {
+    type SqlType = Q::SqlType;
+}
+
+#[cfg(all(test, feature = "sqlite"))]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use diesel::connection::{Instrumentation, InstrumentationEvent};
+    use diesel::prelude::*;
+    use diesel::upsert::excluded;
+    use diesel_async::{AsyncConnection, RunQueryDsl};
+
+    use super::KeepPrepared;
+
+    diesel::table! { counters (name) { name -> Text, n -> BigInt, } }
+
+    /// Counts the statements a connection puts in its prepared-statement cache.
+    fn counting(cached: &Arc<AtomicUsize>) -> impl Instrumentation {
+        let cached = Arc::clone(cached);
+        move |event: InstrumentationEvent<'_>| {
+            if let InstrumentationEvent::CacheQuery { .. } = event {
+                cached.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_upsert_is_prepared_once_when_wrapped() -> Result<(), Box<dyn std::error::Error>> {
+        let pool = crate::sqlite::connect(
+            "sqlite::memory:",
+            1,
+            &["CREATE TABLE counters (name TEXT PRIMARY KEY, n BIGINT NOT NULL)"],
+            Duration::from_secs(2),
+        )?;
+        let mut conn = pool.get().await?;
+        let cached = Arc::new(AtomicUsize::new(0));
+        conn.set_instrumentation(counting(&cached));
+        let upsert = || {
+            diesel::insert_into(counters::table)
+                .values((counters::name.eq("hits"), counters::n.eq(1_i64)))
+                .on_conflict(counters::name)
+                .do_update()
+                .set(counters::n.eq(counters::n + excluded(counters::n)))
+        };
+
+        // diesel on its own never keeps this statement: each call parses it again.
+        for _ in 0..3 {
+            upsert().execute(&mut conn).await?;
+        }
+        // (`AtomicUsize::load` spelled out: diesel-async's `RunQueryDsl::load` covers every type.)
+        assert_eq!(AtomicUsize::load(&cached, Ordering::SeqCst), 0);
+
+        // Wrapped, it is prepared and cached once, then reused, with the same effect.
+        for _ in 0..3 {
+            KeepPrepared(upsert()).execute(&mut conn).await?;
+        }
+        assert_eq!(AtomicUsize::load(&cached, Ordering::SeqCst), 1);
+        let n: i64 = counters::table
+            .select(counters::n)
+            .get_result(&mut conn)
+            .await?;
+        assert_eq!(n, 6);
+
+        // With RETURNING, through `get_result`, as the quota counters use it.
+        let total: i64 = KeepPrepared(upsert().returning(counters::n))
+            .get_result(&mut conn)
+            .await?;
+        assert_eq!(total, 7);
+        Ok(())
+    }
+}

@@ -77,7 +77,7 @@ macro_rules! quota_queries {
                     let mut totals = Vec::with_capacity(batch.len());
                     for (key, delta) in batch {
                         let delta = i64::try_from(*delta).unwrap_or(i64::MAX);
-                        let total: i64 = diesel::insert_into(t::table)
+                        let upsert = diesel::insert_into(t::table)
                             .values((
                                 t::subject.eq(key.subject.as_str()),
                                 t::window_kind.eq(key.window.as_str()),
@@ -87,9 +87,8 @@ macro_rules! quota_queries {
                             .on_conflict((t::subject, t::window_kind, t::window_start))
                             .do_update()
                             .set(t::used.eq(t::used + excluded(t::used)))
-                            .returning(t::used)
-                            .get_result(conn)
-                            .await?;
+                            .returning(t::used);
+                        let total: i64 = sql_pool::KeepPrepared(upsert).get_result(conn).await?;
                         totals.push(u64::try_from(total).unwrap_or(0));
                     }
                     Ok(totals)
