@@ -316,6 +316,11 @@ pub struct UpstreamConfig {
     /// Overrides `cache.max_upstream_body_bytes` for this upstream.
     #[serde(default)]
     pub max_body_bytes: Option<ByteSize>,
+    /// Keep-alive connections to the upstream kept open while idle (each closes after 90 s
+    /// unused); 0 opens a connection per call. Default 256. Below the calls in flight at
+    /// once, a burst ends by closing connections that the next burst opens again.
+    #[serde(default = "default_max_idle_connections")]
+    pub max_idle_connections: usize,
     /// Calls per period this gateway makes to the upstream (all clients together).
     #[serde(default)]
     pub egress_limit: Option<Rate>,
@@ -354,6 +359,7 @@ impl fmt::Debug for UpstreamConfig {
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_idle_connections", &self.max_idle_connections)
             .field("egress_limit", &self.egress_limit)
             .field("breaker", &self.breaker)
             .field("retry", &self.retry)
@@ -368,6 +374,10 @@ fn default_timeout() -> Duration {
 
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
+}
+
+fn default_max_idle_connections() -> usize {
+    256
 }
 
 /// `upstreams[].breaker`.
@@ -2005,6 +2015,10 @@ prewarm = ["/properties?city=Austin&state=TX"]
         assert_eq!(upstream.timeout, Duration::from_secs(30));
         assert_eq!(upstream.connect_timeout, Duration::from_secs(5));
         assert_eq!(upstream.max_body_bytes, None);
+        assert_eq!(upstream.max_idle_connections, 256);
+        let no_keep_alive =
+            parse(&UPSTREAM.replacen("base_url", "max_idle_connections = 0\nbase_url", 1));
+        assert_eq!(no_keep_alive.upstreams[0].max_idle_connections, 0);
         assert_eq!(upstream.body_limit(&config.cache), ByteSize::mib(10));
         assert_eq!(upstream.egress_limit, None);
         assert_eq!(upstream.breaker, Some(BreakerConfig::default()));

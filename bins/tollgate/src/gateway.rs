@@ -435,7 +435,7 @@ fn build_upstream(
         connect_timeout: u.connect_timeout,
         timeout: u.timeout,
         max_body_bytes: u.body_limit(&config.cache).0,
-        pool_max_idle_per_host: 64,
+        pool_max_idle_per_host: u.max_idle_connections,
         resilience: resilience(u),
     })
     .map_err(|e| anyhow::anyhow!("upstream {}: {e}", u.name))?;
