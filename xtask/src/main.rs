@@ -38,6 +38,11 @@ enum Cmd {
         body_bytes: usize,
         #[arg(long, default_value_t = 2)]
         workers: usize,
+        /// Answer paths starting with one of these only after `--slow-ms`.
+        #[arg(long, value_delimiter = ',')]
+        slow_prefix: Vec<String>,
+        #[arg(long, default_value_t = 0)]
+        slow_ms: u64,
     },
 }
 
@@ -64,7 +69,17 @@ fn main() -> anyhow::Result<()> {
             listen,
             body_bytes,
             workers,
-        } => bench::run_floor(listen, body_bytes, workers),
+            slow_prefix,
+            slow_ms,
+        } => bench::run_floor(
+            listen,
+            body_bytes,
+            workers,
+            bench::Slow {
+                prefixes: slow_prefix,
+                delay: std::time::Duration::from_millis(slow_ms),
+            },
+        ),
     }
 }
 

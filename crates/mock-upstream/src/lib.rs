@@ -82,6 +82,8 @@ pub struct RecordedRequest {
     pub headers: Vec<(String, String)>,
     /// The full request body.
     pub body: Bytes,
+    /// When its head had arrived (before the body was read and before any delay).
+    pub arrived: std::time::Instant,
 }
 
 impl RecordedRequest {
@@ -426,6 +428,7 @@ async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
 ) -> Result<Response<MockBody>, Infallible> {
+    let arrived = std::time::Instant::now();
     let call = state.calls.fetch_add(1, Ordering::AcqRel) + 1;
 
     let (parts, body) = req.into_parts();
@@ -467,6 +470,7 @@ async fn handle(
             query: query.clone(),
             headers,
             body,
+            arrived,
         });
     }
 

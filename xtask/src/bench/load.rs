@@ -1056,6 +1056,12 @@ pub struct StampedeResult {
     pub errors: Errors,
     /// Latency of every response, from its own send.
     pub latency: Option<Percentiles>,
+    /// When the first request was sent.
+    #[serde(skip)]
+    pub first_send: Option<Instant>,
+    /// Milliseconds from the first send to the upstream call's arrival (filled in by the
+    /// scenario, which sees the mock upstream): how long the gateway took to start the fetch.
+    pub upstream_called_after_ms: Option<f64>,
 }
 
 /// Opens `clients` connections to `addr`, then sends `GET path` on all of them at once and
@@ -1101,6 +1107,7 @@ pub fn stampede(
         }
         // The tasks start when this one awaits, and run back to back: each sends, then waits.
         let mut set = tokio::task::JoinSet::new();
+        let first_send = Instant::now();
         for mut c in conns {
             let req = Arc::clone(&req);
             set.spawn(async move {
@@ -1132,6 +1139,8 @@ pub fn stampede(
             ok,
             errors,
             latency: percentiles(&mut latencies),
+            first_send: Some(first_send),
+            upstream_called_after_ms: None,
         })
     })
 }

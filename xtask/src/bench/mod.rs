@@ -38,7 +38,7 @@ use report::{Machine, Report, RunRecord, TargetInfo, Tool};
 use scenarios::{Ctx, Scenario, Settings};
 use targets::{Env, Server, TargetKind};
 
-pub use targets::run_floor;
+pub use targets::{Slow, run_floor};
 
 /// Set in the environment of the release `xtask bench` started by the debug one.
 const INNER: &str = "TOLLGATE_BENCH_INNER";
@@ -406,6 +406,7 @@ fn run_scenarios(
         xtask: std::env::current_exe().context("locating this program")?,
         upstream: mock.addr(),
         body_bytes: settings.body_bytes,
+        upstream_delay: settings.upstream_delay,
         workers: settings.server_workers,
         pin_cpu: settings.pin.map(|(servers, _)| servers),
     };
@@ -655,19 +656,27 @@ fn describe(scenario: Scenario, s: &Settings) -> String {
         Scenario::Miss => format!(
             "Every request a new key, upstream latency {} ms: {}, {d} s. Latency is that \
              closed-loop run's (mostly the upstream's {} ms). Bound set by the upstream: \
-             {} connections / {} ms ≈ {} req/s.",
+             {} connections / {} ms ≈ {} req/s; the floor answers every request after {} ms \
+             without an upstream call, the best this harness measures.",
             s.upstream_delay.as_millis(),
             closed(s.miss_connections),
             s.upstream_delay.as_millis(),
             s.miss_connections,
             s.upstream_delay.as_millis(),
             report::thousands(s.miss_connections as f64 / s.upstream_delay.as_secs_f64()),
+            s.upstream_delay.as_millis(),
         ),
         Scenario::Stampede => format!(
             "{} connections opened first, then one request each for the same cold key at the \
              same instant (built-in generator), a new key every round; upstream latency {} ms. \
-             Waiter latency from each request's send; upstream calls counted by the mock.",
+             Waiter latency from each request's send; upstream calls counted by the mock, which \
+             also tells when the first call arrived (ms after the first send: how long the \
+             gateway took to start the fetch). The \
+             floor answers every request after {} ms on its own (no coalescing, no upstream): \
+             its p50 is the upstream latency plus what this harness and 1,000 answers on this \
+             machine add, the bar for a gateway's waiters.",
             s.stampede_clients,
+            s.upstream_delay.as_millis(),
             s.upstream_delay.as_millis()
         ),
         Scenario::Auth => format!(

@@ -96,6 +96,9 @@ impl RunRecord {
                 ms(p.p50_us),
                 ms(p.max_us)
             );
+            if let Some(after) = st.upstream_called_after_ms {
+                let _ = write!(s, ", upstream called after {after:.1} ms");
+            }
         }
         let _ = write!(s, "  upstream calls {}", self.upstream_calls);
         if let Some(h) = self.hit_ratio {
@@ -223,6 +226,8 @@ pub struct Row {
     pub peak_rss_kib: u64,
     /// Generator lag at the constant rate, median p50 (the generator's own noise floor), µs.
     pub send_lag_p50_us: Option<f64>,
+    /// `stampede`: median ms from the first send to the upstream call.
+    pub upstream_called_after_ms: Option<f64>,
 }
 
 /// A ratio of Tollgate's req/s to another target's, per round and its median.
@@ -382,6 +387,11 @@ pub fn summarize(
                 ),
                 peak_rss_kib: rs.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0),
                 send_lag_p50_us: median(&lags),
+                upstream_called_after_ms: median(
+                    &rs.iter()
+                        .filter_map(|r| r.stampede.as_ref()?.upstream_called_after_ms)
+                        .collect::<Vec<_>>(),
+                ),
             });
         }
         let mut ratios = Vec::new();
@@ -571,20 +581,21 @@ pub fn markdown(r: &Report) -> String {
             Scenario::Stampede => {
                 let _ = writeln!(
                     s,
-                    "| target | upstream calls per round | waiter p50 ms | p90 ms | p99 ms | max ms | errors | peak RSS MiB |"
+                    "| target | upstream calls per round | upstream called after ms | waiter p50 ms | p90 ms | p99 ms | max ms | errors | peak RSS MiB |"
                 );
-                let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|");
+                let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
                 for row in &sum.rows {
                     let l = row.latency;
                     let _ = writeln!(
                         s,
-                        "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                        "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                         row.target.name(),
                         row.upstream_calls
                             .iter()
                             .map(u64::to_string)
                             .collect::<Vec<_>>()
                             .join(" · "),
+                        opt(row.upstream_called_after_ms, |v| format!("{v:.1}")),
                         opt(l, |l| ms(l.p50_us)),
                         opt(l, |l| ms(l.p90_us)),
                         opt(l, |l| ms(l.p99_us)),

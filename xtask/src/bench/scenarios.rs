@@ -60,14 +60,11 @@ impl Scenario {
         }
     }
 
-    /// Whether `kind` takes part (the floor has no cache: it is left out of `miss` and
-    /// `stampede`). The Tollgate-only scenarios start instances of their own instead.
-    pub fn includes(self, kind: TargetKind) -> bool {
-        match self {
-            Scenario::Hot | Scenario::Zipf => true,
-            Scenario::Miss | Scenario::Stampede => kind.caches(),
-            Scenario::Auth | Scenario::L1 | Scenario::Outage => false,
-        }
+    /// Whether `kind` takes part: every target in `hot`, `zipf`, `miss` and `stampede` (in
+    /// the last two the floor answers after the upstream's latency: see [`SLOW_PREFIXES`]).
+    /// The Tollgate-only scenarios start instances of their own instead.
+    pub fn includes(self, _kind: TargetKind) -> bool {
+        !self.tollgate_only()
     }
 
     /// Whether it measures Tollgate alone, with instances configured for it.
@@ -208,27 +205,42 @@ pub struct Ctx<'a> {
     pub zipf_file: PathBuf,
 }
 
+/// Paths of `miss` and `stampede` start with one of these: the floor answers them after the
+/// upstream's latency, as a gateway that costs nothing and coalesces nothing would.
+pub const SLOW_PREFIXES: [&str; 2] = ["/bench/miss/", "/bench/stampede/"];
+
 /// The one key of `hot` (and `auth`).
 pub const HOT_PATH: &str = "/bench/hot/properties?state=TX&city=Austin";
 
+/// What `scenario` requests in `round` (`zipf`, `zipf_file`: the Zipf table and its file).
+fn scenario_paths(
+    scenario: Scenario,
+    round: usize,
+    seed: u64,
+    zipf: &Arc<Vec<f64>>,
+    zipf_file: &std::path::Path,
+) -> Paths {
+    match scenario {
+        Scenario::Hot => Paths::Fixed(HOT_PATH.into()),
+        Scenario::Zipf => Paths::Zipf {
+            prefix: "/bench/zipf/properties?id=".into(),
+            cdf: Arc::clone(zipf),
+            cdf_file: zipf_file.to_path_buf(),
+            seed,
+        },
+        Scenario::Miss => Paths::Unique {
+            prefix: format!("{}properties?round={round}&k=", SLOW_PREFIXES[0]),
+        },
+        Scenario::Stampede => Paths::Fixed(format!("{}properties?round={round}", SLOW_PREFIXES[1])),
+        Scenario::Auth | Scenario::L1 | Scenario::Outage => {
+            unreachable!("Tollgate-only scenarios choose their own paths")
+        }
+    }
+}
+
 impl Ctx<'_> {
     fn paths(&self, scenario: Scenario, round: usize, seed: u64) -> Paths {
-        match scenario {
-            Scenario::Hot => Paths::Fixed(HOT_PATH.into()),
-            Scenario::Zipf => Paths::Zipf {
-                prefix: "/bench/zipf/properties?id=".into(),
-                cdf: Arc::clone(&self.zipf),
-                cdf_file: self.zipf_file.clone(),
-                seed,
-            },
-            Scenario::Miss => Paths::Unique {
-                prefix: format!("/bench/miss/properties?round={round}&k="),
-            },
-            Scenario::Stampede => Paths::Fixed(format!("/bench/stampede/properties?round={round}")),
-            Scenario::Auth | Scenario::L1 | Scenario::Outage => {
-                unreachable!("Tollgate-only scenarios choose their own paths")
-            }
-        }
+        scenario_paths(scenario, round, seed, &self.zipf, &self.zipf_file)
     }
 
     /// A closed-loop run with `headers` (`Name: value`) on every request: wrk when
@@ -357,9 +369,10 @@ impl Ctx<'_> {
                 let Paths::Fixed(path) = self.paths(scenario, round, 0) else {
                     unreachable!("stampede requests one path")
                 };
-                let result = load::stampede(server.addr, &path, s.stampede_clients, s.timeout)?;
+                let mut result = load::stampede(server.addr, &path, s.stampede_clients, s.timeout)?;
                 // A late upstream call would still be counted: give stragglers a moment.
                 std::thread::sleep(Duration::from_millis(200));
+                result.upstream_called_after_ms = upstream_called_after(self.mock, &path, &result);
                 let after = proc::usage(pid);
                 record.upstream_calls = self.mock.calls().saturating_sub(calls_before);
                 record.cpu_seconds = after.cpu_seconds - before.cpu_seconds;
@@ -375,6 +388,23 @@ impl Ctx<'_> {
         record.processes = end.processes;
         Ok(record)
     }
+}
+
+/// Milliseconds from the stampede's first send to the first upstream call with `path`'s query
+/// (unique per round; gateways forward it unchanged, while the path may lose its prefix), if
+/// the mock still remembers it.
+fn upstream_called_after(
+    mock: &MockUpstream,
+    path: &str,
+    result: &load::StampedeResult,
+) -> Option<f64> {
+    let first_send = result.first_send?;
+    let (_, query) = path.split_once('?')?;
+    mock.requests()
+        .iter()
+        .filter(|r| r.query == query && r.arrived >= first_send)
+        .map(|r| r.arrived.duration_since(first_send).as_secs_f64() * 1e3)
+        .reduce(f64::min)
 }
 
 /// A safety bound on requests: twice what `rate` would send in `duration`, at least 1,000.
@@ -424,10 +454,64 @@ mod tests {
     }
 
     #[test]
-    fn floor_sits_out_the_cache_scenarios() {
-        assert!(Scenario::Hot.includes(TargetKind::Floor));
-        assert!(!Scenario::Miss.includes(TargetKind::Floor));
-        assert!(!Scenario::Stampede.includes(TargetKind::Floor));
-        assert!(Scenario::Stampede.includes(TargetKind::Varnish));
+    fn the_upstream_call_is_timed_from_the_first_send() -> anyhow::Result<()> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let mock = rt.block_on(MockUpstream::start())?;
+        let first_send = std::time::Instant::now();
+        std::thread::sleep(Duration::from_millis(20));
+        let timeout = Duration::from_secs(5);
+        load::get_once(mock.addr(), "/other?round=8", timeout)?;
+        load::get_once(mock.addr(), "/stampede/properties?round=7", timeout)?;
+        let result = load::StampedeResult {
+            clients: 1,
+            ok: 1,
+            errors: load::Errors::default(),
+            latency: None,
+            first_send: Some(first_send),
+            upstream_called_after_ms: None,
+        };
+        // Matched by the query: the gateway may strip the path's first segment.
+        let after = upstream_called_after(&mock, "/bench/stampede/properties?round=7", &result);
+        assert!(
+            after.is_some_and(|ms| (20.0..5000.0).contains(&ms)),
+            "{after:?}"
+        );
+        let never = upstream_called_after(&mock, "/bench/stampede/properties?round=9", &result);
+        assert_eq!(never, None);
+        Ok(())
+    }
+
+    #[test]
+    fn the_floor_waits_on_miss_and_stampede_paths_only() {
+        let slow = super::super::Slow {
+            prefixes: SLOW_PREFIXES.map(String::from).to_vec(),
+            delay: Duration::from_millis(50),
+        };
+        let first = |p: &Paths| match p {
+            Paths::Fixed(path) => path.clone(),
+            Paths::Unique { prefix } => format!("{prefix}0"),
+            Paths::Zipf { prefix, .. } => format!("{prefix}0"),
+            other => panic!("unexpected paths {other:?}"),
+        };
+        let zipf = Arc::new(vec![1.0]);
+        for (scenario, waits) in [
+            (Scenario::Hot, false),
+            (Scenario::Zipf, false),
+            (Scenario::Miss, true),
+            (Scenario::Stampede, true),
+        ] {
+            let path = first(&scenario_paths(scenario, 1, 0, &zipf, &PathBuf::new()));
+            assert_eq!(slow.delay_for(&path).is_some(), waits, "{path}");
+            assert!(scenario.includes(TargetKind::Floor));
+        }
+        assert!(!Scenario::Auth.includes(TargetKind::Floor));
+        let instant = super::super::Slow {
+            delay: Duration::ZERO,
+            ..slow
+        };
+        assert_eq!(instant.delay_for("/bench/miss/properties?k=1"), None);
     }
 }

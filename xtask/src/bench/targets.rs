@@ -6,7 +6,7 @@ use std::fs::File;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use super::load;
 use super::proc;
+use super::scenarios::SLOW_PREFIXES;
 
 /// A server the bench can measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, clap::ValueEnum)]
@@ -66,6 +67,8 @@ pub struct Env {
     pub upstream: SocketAddr,
     /// Bytes of every response body.
     pub body_bytes: usize,
+    /// The mock upstream's latency in `miss` and `stampede` (the floor waits as long there).
+    pub upstream_delay: Duration,
     /// Worker threads / processes of each server.
     pub workers: usize,
     /// Run servers under `taskset -c 0`.
@@ -181,10 +184,17 @@ pub fn start(kind: TargetKind, env: &Env, dir: &Path) -> anyhow::Result<Server> 
                 env.body_bytes.to_string(),
                 "--workers".into(),
                 env.workers.to_string(),
+                "--slow-prefix".into(),
+                SLOW_PREFIXES.join(","),
+                "--slow-ms".into(),
+                env.upstream_delay.as_millis().to_string(),
             ],
             format!(
-                "actix-web {} workers, one handler returning a {}-byte body from memory",
-                env.workers, env.body_bytes
+                "actix-web {} workers, one handler returning a {}-byte body from memory \
+                 (`miss` and `stampede` paths after the upstream's {} ms)",
+                env.workers,
+                env.body_bytes,
+                env.upstream_delay.as_millis()
             ),
             "/",
         ),
@@ -336,6 +346,7 @@ required = {auth}
 name = "bench"
 base_url = "http://{upstream}"
 timeout = {timeout}
+max_idle_connections = 1024
 {extra}
 {routes}"#,
             workers = env.workers,
@@ -538,16 +549,47 @@ pub fn floor_body(n: usize) -> String {
     s
 }
 
-/// `xtask __floor`: serves `floor_body(body_bytes)` to every request until SIGTERM / SIGINT.
-pub fn run_floor(listen: SocketAddr, body_bytes: usize, workers: usize) -> anyhow::Result<()> {
-    use actix_web::{App, HttpResponse, HttpServer, web};
+/// Paths the floor answers only after a delay: the upstream's latency in `miss` and
+/// `stampede`, so that the floor shows what this harness measures for a gateway that costs
+/// nothing and coalesces nothing.
+#[derive(Debug, Clone, Default)]
+pub struct Slow {
+    /// Path prefixes that wait.
+    pub prefixes: Vec<String>,
+    /// How long they wait.
+    pub delay: Duration,
+}
+
+impl Slow {
+    /// How long a request for `path` waits before its answer.
+    pub fn delay_for(&self, path: &str) -> Option<Duration> {
+        (!self.delay.is_zero() && self.prefixes.iter().any(|p| path.starts_with(p.as_str())))
+            .then_some(self.delay)
+    }
+}
+
+/// `xtask __floor`: serves `floor_body(body_bytes)` to every request until SIGTERM / SIGINT,
+/// after `slow`'s delay for the paths it names.
+pub fn run_floor(
+    listen: SocketAddr,
+    body_bytes: usize,
+    workers: usize,
+    slow: Slow,
+) -> anyhow::Result<()> {
+    use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
     let body = web::Bytes::from(floor_body(body_bytes));
+    let slow = Arc::new(slow);
     actix_web::rt::System::new().block_on(async move {
         let server = HttpServer::new(move || {
             let body = body.clone();
-            App::new().default_service(web::to(move || {
+            let slow = Arc::clone(&slow);
+            App::new().default_service(web::to(move |req: HttpRequest| {
                 let body = body.clone();
+                let delay = slow.delay_for(req.path());
                 async move {
+                    if let Some(delay) = delay {
+                        actix_web::rt::time::sleep(delay).await;
+                    }
                     HttpResponse::Ok()
                         .content_type("application/json")
                         .body(body)
