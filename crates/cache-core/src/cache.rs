@@ -268,6 +268,7 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
         // still holds, stale within its revalidate window, then waits for that fetch instead
         // of being answered at once.)
         let l1_only = !req.force_refresh && self.inner.flights.is_running(&key);
+        let epoch = self.inner.flights.epoch(&key);
         let mut fallback = None;
         if let Some(e) = self.lookup_in(&req.signature, !l1_only).await {
             match (e.freshness(now), req.force_refresh) {
@@ -293,7 +294,10 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
                 };
             }
             Ok(Join::Leader(leader, own)) => {
+                // Looked up again only if a flight of this key's shard completed since the
+                // first lookup (a second L2 round trip on every miss otherwise).
                 if !req.force_refresh
+                    && self.inner.flights.epoch(&key) != epoch
                     && let Some(e) = self.lookup(&req.signature).await
                     && e.freshness(self.inner.clock.now_millis()) == Freshness::Fresh
                 {

@@ -971,10 +971,12 @@ async fn a_cache_over_a_cold_tiered_store_hits_l2() {
     assert_eq!(cold.stats().l2_hits.load(Ordering::SeqCst), 1);
 }
 
-/// A real memory store that counts the lookups reaching it.
+/// A real memory store that counts the lookups reaching it. `hold_next_get`: the next lookup
+/// reads the store, then waits for that channel before it answers (what it read).
 struct CountingStore {
     inner: MemoryStore,
     gets: AtomicUsize,
+    hold_next_get: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
 }
 
 #[async_trait::async_trait]
@@ -984,7 +986,12 @@ impl CacheStore for CountingStore {
     }
     async fn get(&self, key: &CacheKey) -> cache_core::Result<Option<Arc<Entry>>> {
         self.gets.fetch_add(1, Ordering::SeqCst);
-        self.inner.get(key).await
+        let found = self.inner.get(key).await;
+        let hold = self.hold_next_get.lock().expect("lock").take();
+        if let Some(hold) = hold {
+            let _ = hold.await;
+        }
+        found
     }
     async fn put(&self, key: CacheKey, entry: Arc<Entry>) -> cache_core::Result<()> {
         self.inner.put(key, entry).await
@@ -1007,6 +1014,7 @@ fn counted_tiers(clock: &Arc<ManualClock>) -> (Arc<CountingStore>, Arc<TieredSto
     let l2 = Arc::new(CountingStore {
         inner: MemoryStore::with_clock(8 << 20, clock.clone()),
         gets: AtomicUsize::new(0),
+        hold_next_get: std::sync::Mutex::new(None),
     });
     let tiers = Arc::new(TieredStore::new(
         MemoryStore::with_clock(8 << 20, clock.clone()),
@@ -1039,6 +1047,42 @@ async fn waiters_on_a_running_fetch_do_not_query_l2() {
         assert_eq!(body(&served(join(handle).await)), b"x");
     }
     assert_eq!(up.calls(), 1);
+}
+
+/// A miss asks L2 once: the leader looks again only when a flight of its key's shard ended
+/// since its first lookup (and then finds what that flight stored, without a second fetch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_asks_l2_once_unless_a_flight_ended_meanwhile() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let (l2, tiers) = counted_tiers(&clock);
+    let cache = Cache::<String>::builder(tiers).clock(clock.clone()).build();
+    let up = Upstream::open();
+    for i in 0..5 {
+        let req = request(&format!("miss={i}"), policy(60, 0, 0));
+        let before = l2.gets.load(Ordering::SeqCst);
+        let s = served(cache.serve(req, up.fetch(ok("x"))).await);
+        assert_eq!(s.status, CacheStatus::Miss);
+        assert_eq!(l2.gets.load(Ordering::SeqCst) - before, 1, "miss {i}");
+    }
+    assert_eq!(up.calls(), 5);
+
+    // A flight ending between a request's lookup and its join: that request, leading the
+    // next flight, looks again and is answered with what the flight stored.
+    let req = request("raced=1", policy(60, 0, 0));
+    let (release, held) = tokio::sync::oneshot::channel();
+    *l2.hold_next_get.lock().expect("lock") = Some(held);
+    let late = Upstream::open();
+    let slow = spawn_serve(&cache, &req, late.fetch(ok("second")));
+    eventually("the first lookup is held", || {
+        l2.hold_next_get.lock().expect("lock").is_none()
+    })
+    .await;
+    let first = served(cache.serve(req.clone(), up.fetch(ok("first"))).await);
+    assert_eq!(body(&first), b"first");
+    let _ = release.send(());
+    let s = served(join(slow).await);
+    assert_eq!((s.status, body(&s)), (CacheStatus::Hit, &b"first"[..]));
+    assert_eq!(late.calls(), 0, "a second fetch");
 }
 
 /// The waiters that skipped L2 still get the stale entry only L2 holds when the fetch fails.
