@@ -267,8 +267,12 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
         // stale stand-in only if the fetch fails or turns this request away. (An entry only L2
         // still holds, stale within its revalidate window, then waits for that fetch instead
         // of being answered at once.)
-        let l1_only = !req.force_refresh && self.inner.flights.is_running(&key);
+        //
+        // The epoch is read first: a flight that ends after this moves it, and the request, if
+        // it leads the next flight, looks again in every tier; one that ended before is no
+        // longer running, so the lookup below already asks every tier.
         let epoch = self.inner.flights.epoch(&key);
+        let l1_only = !req.force_refresh && self.inner.flights.is_running(&key);
         let mut fallback = None;
         if let Some(e) = self.lookup_in(&req.signature, !l1_only).await {
             match (e.freshness(now), req.force_refresh) {
@@ -294,8 +298,8 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
                 };
             }
             Ok(Join::Leader(leader, own)) => {
-                // Looked up again only if a flight of this key's shard completed since the
-                // first lookup (a second L2 round trip on every miss otherwise).
+                // Looked up again only if a flight of this key's shard ended since the epoch was
+                // read (a second L2 round trip on every miss otherwise).
                 if !req.force_refresh
                     && self.inner.flights.epoch(&key) != epoch
                     && let Some(e) = self.lookup(&req.signature).await

@@ -90,9 +90,10 @@ impl<T: Clone + Send + Sync + 'static> SingleFlight<T> {
     }
 
     /// A number that changes whenever a flight ends (completed or abandoned) for `key` or
-    /// for another key of its shard. Read before a cache lookup and again after [`join`](Self::join) made the caller
-    /// the leader of a new flight: unchanged, no flight for `key` has stored anything since
-    /// the lookup, and the lookup need not be repeated. (Changed only means it may have.)
+    /// for another key of its shard. Read before a cache lookup (and before asking
+    /// [`is_running`](Self::is_running)) and again after [`join`](Self::join) made the caller
+    /// the leader of a new flight: unchanged, no flight for `key` has stored anything or ended
+    /// since, and the lookup need not be repeated. (Changed only means one may have.)
     pub fn epoch(&self, key: &CacheKey) -> u64 {
         epoch_of(&self.epochs, key).load(Ordering::Acquire)
     }
