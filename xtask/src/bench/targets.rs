@@ -372,7 +372,8 @@ fn tollgate(
     let config = dir.join("tollgate.toml");
     std::fs::write(&config, setup.toml(env, dir, addr))?;
     let mut notes = format!(
-        "release build, [server] workers = {}, SQLite L2, L1 {}, RUST_LOG=warn",
+        "release build, [server] workers = {}, SQLite L2, L1 {}, 1024 idle upstream \
+         connections kept, RUST_LOG=warn",
         env.workers, setup.l1_max_bytes
     );
     if setup == &TollgateSetup::default() {
