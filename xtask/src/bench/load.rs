@@ -1058,7 +1058,7 @@ pub struct StampedeResult {
     pub latency: Option<Percentiles>,
     /// When the first request was sent.
     #[serde(skip)]
-    pub first_send: Option<Instant>,
+    pub first_send: Instant,
     /// Milliseconds from the first send to the upstream call's arrival (filled in by the
     /// scenario, which sees the mock upstream): how long the gateway took to start the fetch.
     pub upstream_called_after_ms: Option<f64>,
@@ -1139,7 +1139,7 @@ pub fn stampede(
             ok,
             errors,
             latency: percentiles(&mut latencies),
-            first_send: Some(first_send),
+            first_send,
             upstream_called_after_ms: None,
         })
     })

@@ -207,7 +207,13 @@ pub struct Ctx<'a> {
 
 /// Paths of `miss` and `stampede` start with one of these: the floor answers them after the
 /// upstream's latency, as a gateway that costs nothing and coalesces nothing would.
-pub const SLOW_PREFIXES: [&str; 2] = ["/bench/miss/", "/bench/stampede/"];
+pub const SLOW_PREFIXES: [&str; 2] = [MISS_PREFIX, STAMPEDE_PREFIX];
+
+/// Where `miss` paths start.
+const MISS_PREFIX: &str = "/bench/miss/";
+
+/// Where `stampede` paths start.
+const STAMPEDE_PREFIX: &str = "/bench/stampede/";
 
 /// The one key of `hot` (and `auth`).
 pub const HOT_PATH: &str = "/bench/hot/properties?state=TX&city=Austin";
@@ -229,9 +235,9 @@ fn scenario_paths(
             seed,
         },
         Scenario::Miss => Paths::Unique {
-            prefix: format!("{}properties?round={round}&k=", SLOW_PREFIXES[0]),
+            prefix: format!("{MISS_PREFIX}properties?round={round}&k="),
         },
-        Scenario::Stampede => Paths::Fixed(format!("{}properties?round={round}", SLOW_PREFIXES[1])),
+        Scenario::Stampede => Paths::Fixed(format!("{STAMPEDE_PREFIX}properties?round={round}")),
         Scenario::Auth | Scenario::L1 | Scenario::Outage => {
             unreachable!("Tollgate-only scenarios choose their own paths")
         }
@@ -398,7 +404,7 @@ fn upstream_called_after(
     path: &str,
     result: &load::StampedeResult,
 ) -> Option<f64> {
-    let first_send = result.first_send?;
+    let first_send = result.first_send;
     let (_, query) = path.split_once('?')?;
     mock.requests()
         .iter()
@@ -470,7 +476,7 @@ mod tests {
             ok: 1,
             errors: load::Errors::default(),
             latency: None,
-            first_send: Some(first_send),
+            first_send,
             upstream_called_after_ms: None,
         };
         // Matched by the query: the gateway may strip the path's first segment.
