@@ -82,6 +82,11 @@ fn build<M: deadpool::managed::Manager>(
 /// Do not wrap a query whose text embeds values (a `sql_query` with literals): the connection
 /// would keep every distinct text.
 ///
+/// With diesel's **sync** API, run the wrapped statement with `load` or `get_result` (a write
+/// with `RETURNING`), not `execute`: `execute` hands the connection a reference to the query,
+/// and diesel's `QueryFragment for &T` does not pass this type's answer on, so the statement
+/// would be parsed on every call after all. diesel-async's `execute` is fine.
+///
 /// ```
 /// # #[cfg(feature = "sqlite")]
 /// # #[tokio::main(flavor = "current_thread")]
@@ -115,6 +120,9 @@ fn build<M: deadpool::managed::Manager>(
 /// ```
 #[derive(Debug, Clone, Copy)]
 pub struct KeepPrepared<Q>(pub Q);
+
+/// diesel's sync `load`/`get_result` (see above for why not `execute`).
+impl<Q, Conn> diesel::query_dsl::RunQueryDsl<Conn> for KeepPrepared<Q> {}
 
 impl<Q> diesel::query_builder::QueryId for KeepPrepared<Q> {
     type QueryId = ();
@@ -158,6 +166,19 @@ mod tests {
 
     diesel::table! { counters (name) { name -> Text, n -> BigInt, } }
 
+    const SCHEMA: &str = "CREATE TABLE counters (name TEXT PRIMARY KEY, n BIGINT NOT NULL)";
+
+    /// Adds one to the `hits` counter: an upsert diesel will not keep prepared.
+    macro_rules! upsert {
+        () => {
+            diesel::insert_into(counters::table)
+                .values((counters::name.eq("hits"), counters::n.eq(1_i64)))
+                .on_conflict(counters::name)
+                .do_update()
+                .set(counters::n.eq(counters::n + excluded(counters::n)))
+        };
+    }
+
     /// Counts the statements a connection puts in its prepared-statement cache.
     fn counting(cached: &Arc<AtomicUsize>) -> impl Instrumentation {
         let cached = Arc::clone(cached);
@@ -170,33 +191,20 @@ mod tests {
 
     #[tokio::test]
     async fn an_upsert_is_prepared_once_when_wrapped() -> Result<(), Box<dyn std::error::Error>> {
-        let pool = crate::sqlite::connect(
-            "sqlite::memory:",
-            1,
-            &["CREATE TABLE counters (name TEXT PRIMARY KEY, n BIGINT NOT NULL)"],
-            Duration::from_secs(2),
-        )?;
+        let pool = crate::sqlite::connect("sqlite::memory:", 1, &[SCHEMA], Duration::from_secs(2))?;
         let mut conn = pool.get().await?;
         let cached = Arc::new(AtomicUsize::new(0));
         conn.set_instrumentation(counting(&cached));
-        let upsert = || {
-            diesel::insert_into(counters::table)
-                .values((counters::name.eq("hits"), counters::n.eq(1_i64)))
-                .on_conflict(counters::name)
-                .do_update()
-                .set(counters::n.eq(counters::n + excluded(counters::n)))
-        };
-
         // diesel on its own never keeps this statement: each call parses it again.
         for _ in 0..3 {
-            upsert().execute(&mut conn).await?;
+            upsert!().execute(&mut conn).await?;
         }
         // (`AtomicUsize::load` spelled out: diesel-async's `RunQueryDsl::load` covers every type.)
         assert_eq!(AtomicUsize::load(&cached, Ordering::SeqCst), 0);
 
         // Wrapped, it is prepared and cached once, then reused, with the same effect.
         for _ in 0..3 {
-            KeepPrepared(upsert()).execute(&mut conn).await?;
+            KeepPrepared(upsert!()).execute(&mut conn).await?;
         }
         assert_eq!(AtomicUsize::load(&cached, Ordering::SeqCst), 1);
         let n: i64 = counters::table
@@ -206,10 +214,42 @@ mod tests {
         assert_eq!(n, 6);
 
         // With RETURNING, through `get_result`, as the quota counters use it.
-        let total: i64 = KeepPrepared(upsert().returning(counters::n))
+        let total: i64 = KeepPrepared(upsert!().returning(counters::n))
             .get_result(&mut conn)
             .await?;
         assert_eq!(total, 7);
         Ok(())
+    }
+
+    /// diesel's sync API: kept prepared when run by `get_result`; `execute` loses the wrapper
+    /// (it passes a reference, and `&T` does not forward `is_safe_to_cache_prepared`).
+    mod sync {
+        use diesel::RunQueryDsl;
+        use diesel::connection::SimpleConnection;
+
+        use super::*;
+
+        #[test]
+        fn a_wrapped_upsert_run_by_get_result_is_prepared_once()
+        -> Result<(), Box<dyn std::error::Error>> {
+            let mut conn = SqliteConnection::establish(":memory:")?;
+            conn.batch_execute(SCHEMA)?;
+            let cached = Arc::new(AtomicUsize::new(0));
+            conn.set_instrumentation(counting(&cached));
+
+            for _ in 0..3 {
+                KeepPrepared(upsert!()).execute(&mut conn)?;
+            }
+            assert_eq!(AtomicUsize::load(&cached, Ordering::SeqCst), 0);
+
+            let mut total = 0;
+            for _ in 0..3 {
+                total =
+                    KeepPrepared(upsert!().returning(counters::n)).get_result::<i64>(&mut conn)?;
+            }
+            assert_eq!(AtomicUsize::load(&cached, Ordering::SeqCst), 1);
+            assert_eq!(total, 6);
+            Ok(())
+        }
     }
 }

@@ -130,49 +130,50 @@ pub(crate) fn query_error(backend: &'static str, e: diesel::result::Error) -> Ca
     }
 }
 
+/// The statement inserting `row` (an `&EntryRow`), or replacing the row with its key: one
+/// expression for both backends and both diesel APIs (sync on SQLite's thread, async on
+/// PostgreSQL). Run it wrapped in [`sql_pool::KeepPrepared`]: diesel would otherwise parse it
+/// again on every call (it deems every `ON CONFLICT DO UPDATE` unsafe to cache), which was a
+/// tenth of the CPU of a cache miss.
+macro_rules! upsert_statement {
+    ($row:expr) => {{
+        use diesel::prelude::*;
+        use diesel::upsert::excluded;
+        use $crate::sql::schema::cache_entries as t;
+
+        diesel::insert_into(t::table)
+            .values($row)
+            .on_conflict(t::key)
+            .do_update()
+            .set((
+                t::signature.eq(excluded(t::signature)),
+                t::upstream.eq(excluded(t::upstream)),
+                t::route.eq(excluded(t::route)),
+                t::status.eq(excluded(t::status)),
+                t::headers.eq(excluded(t::headers)),
+                t::body.eq(excluded(t::body)),
+                t::stored_at.eq(excluded(t::stored_at)),
+                t::fresh_until.eq(excluded(t::fresh_until)),
+                t::swr_until.eq(excluded(t::swr_until)),
+                t::sie_until.eq(excluded(t::sie_until)),
+                t::expires_at.eq(excluded(t::expires_at)),
+                t::cost.eq(excluded(t::cost)),
+            ))
+    }};
+}
+
 /// Implements [`CacheStore`](crate::CacheStore) for a SQL store type with the backend-neutral
 /// diesel queries below.
 ///
-/// The type must have `async fn conn(&self) -> Result<impl AsyncConnection>` (a pooled
-/// connection). Arguments: the store type, its backend name (`"sqlite"`), the diesel backend
+/// The type must have `async fn conn(&self) -> Result<Object>` (a pooled connection), and the
+/// two queries of the hot paths as associated functions, where the backends differ in how they
+/// run them (SQLite: one hand-off to its thread per call):
+/// `async fn select_row(&mut Object, key_hex: String) -> QueryResult<Option<EntryRow>>` and
+/// `async fn upsert_rows(&mut Object, rows: Vec<EntryRow>) -> QueryResult<()>` (several rows
+/// in one transaction). Arguments: the store type, its backend name (`"sqlite"`), the diesel backend
 /// type, and an SQL expression counting the bytes of all rows' bodies and signatures.
 macro_rules! impl_sql_cache_store {
     ($store:ty, $backend:literal, $db:ty, $bytes_sql:expr) => {
-        /// Inserts `row`, or replaces the row with its key. Kept prepared: parsing this
-        /// statement again on every call was a tenth of the CPU of a cache miss.
-        async fn upsert<C>(conn: &mut C, row: &$crate::sql::EntryRow) -> diesel::QueryResult<()>
-        where
-            C: diesel_async::AsyncConnection<Backend = $db>,
-        {
-            use diesel::prelude::*;
-            use diesel::upsert::excluded;
-            use diesel_async::RunQueryDsl;
-            use $crate::sql::schema::cache_entries as t;
-
-            let upsert = diesel::insert_into(t::table)
-                .values(row)
-                .on_conflict(t::key)
-                .do_update()
-                .set((
-                    t::signature.eq(excluded(t::signature)),
-                    t::upstream.eq(excluded(t::upstream)),
-                    t::route.eq(excluded(t::route)),
-                    t::status.eq(excluded(t::status)),
-                    t::headers.eq(excluded(t::headers)),
-                    t::body.eq(excluded(t::body)),
-                    t::stored_at.eq(excluded(t::stored_at)),
-                    t::fresh_until.eq(excluded(t::fresh_until)),
-                    t::swr_until.eq(excluded(t::swr_until)),
-                    t::sie_until.eq(excluded(t::sie_until)),
-                    t::expires_at.eq(excluded(t::expires_at)),
-                    t::cost.eq(excluded(t::cost)),
-                ));
-            sql_pool::KeepPrepared(upsert)
-                .execute(conn)
-                .await
-                .map(|_| ())
-        }
-
         impl $store {
             /// A failed query's error. After a backend failure the idle connections are
             /// dropped: when the database restarted they are all dead, and each would fail
@@ -207,20 +208,9 @@ macro_rules! impl_sql_cache_store {
                 &self,
                 key: &$crate::key::CacheKey,
             ) -> $crate::error::Result<Option<std::sync::Arc<$crate::entry::Entry>>> {
-                use diesel::prelude::*;
-                use diesel_async::RunQueryDsl;
-                use $crate::sql::{EntryRow, schema::cache_entries};
-
                 let mut conn = self.conn().await?;
-                // `get_result`, not `first`: the key is the primary key, and `first`'s bound
-                // `LIMIT ?` made SQLite (built with STAT4) re-prepare the statement on every
-                // call, the most expensive part of an L1 miss.
-                let row: Option<EntryRow> = cache_entries::table
-                    .find(key.to_hex())
-                    .select(EntryRow::as_select())
-                    .get_result(&mut conn)
+                let row = Self::select_row(&mut conn, key.to_hex())
                     .await
-                    .optional()
                     .map_err(|e| self.query_failed(e))?;
                 row.map(|r| r.into_entry().map(std::sync::Arc::new))
                     .transpose()
@@ -235,7 +225,7 @@ macro_rules! impl_sql_cache_store {
 
                 let row = EntryRow::from_entry($backend, &key, &entry)?;
                 let mut conn = self.conn().await?;
-                upsert(&mut conn, &row)
+                Self::upsert_rows(&mut conn, vec![row])
                     .await
                     .map_err(|e| self.query_failed(e))
             }
@@ -245,7 +235,6 @@ macro_rules! impl_sql_cache_store {
                 &self,
                 entries: &[($crate::key::CacheKey, std::sync::Arc<$crate::entry::Entry>)],
             ) -> $crate::error::Result<()> {
-                use diesel_async::AsyncConnection;
                 use $crate::sql::EntryRow;
 
                 let rows = entries
@@ -256,14 +245,9 @@ macro_rules! impl_sql_cache_store {
                     return Ok(());
                 }
                 let mut conn = self.conn().await?;
-                conn.transaction::<_, diesel::result::Error, _>(async |conn| {
-                    for row in &rows {
-                        upsert(conn, row).await?;
-                    }
-                    Ok(())
-                })
-                .await
-                .map_err(|e| self.query_failed(e))
+                Self::upsert_rows(&mut conn, rows)
+                    .await
+                    .map_err(|e| self.query_failed(e))
             }
 
             async fn remove(&self, key: &$crate::key::CacheKey) -> $crate::error::Result<bool> {

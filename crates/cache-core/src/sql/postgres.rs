@@ -1,8 +1,11 @@
 //! The PostgreSQL store.
 
+use diesel::QueryResult;
+use diesel_async::AsyncPgConnection;
+use sql_pool::KeepPrepared;
 use sql_pool::postgres::{Object, Pool};
 
-use super::POOL_TIMEOUT;
+use super::{EntryRow, POOL_TIMEOUT};
 use crate::error::{CacheError, Result};
 
 const BACKEND: &str = "postgres";
@@ -46,6 +49,44 @@ impl PostgresStore {
             .get()
             .await
             .map_err(|e| CacheError::backend(BACKEND, e))
+    }
+
+    /// The row with primary key `key_hex`.
+    async fn select_row(conn: &mut Object, key_hex: String) -> QueryResult<Option<EntryRow>> {
+        use super::schema::cache_entries;
+        use diesel::prelude::*;
+        use diesel_async::RunQueryDsl;
+
+        cache_entries::table
+            .find(key_hex)
+            .select(EntryRow::as_select())
+            .get_result(conn)
+            .await
+            .optional()
+    }
+
+    /// Writes `rows`, several in one transaction (one commit).
+    async fn upsert_rows(conn: &mut Object, rows: Vec<EntryRow>) -> QueryResult<()> {
+        use diesel_async::{AsyncConnection, RunQueryDsl};
+
+        async fn upsert(c: &mut AsyncPgConnection, row: &EntryRow) -> QueryResult<()> {
+            KeepPrepared(upsert_statement!(row))
+                .execute(c)
+                .await
+                .map(|_| ())
+        }
+        match rows.as_slice() {
+            [row] => upsert(conn, row).await,
+            rows => {
+                conn.transaction::<_, diesel::result::Error, _>(async |c| {
+                    for row in rows {
+                        upsert(c, row).await?;
+                    }
+                    Ok(())
+                })
+                .await
+            }
+        }
     }
 }
 

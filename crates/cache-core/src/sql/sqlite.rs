@@ -1,8 +1,10 @@
 //! The SQLite store.
 
+use diesel::{Connection, QueryResult, SqliteConnection};
+use sql_pool::KeepPrepared;
 use sql_pool::sqlite::{Object, Pool};
 
-use super::POOL_TIMEOUT;
+use super::{EntryRow, POOL_TIMEOUT};
 use crate::error::{CacheError, Result};
 
 const BACKEND: &str = "sqlite";
@@ -49,6 +51,44 @@ impl SqliteStore {
             .get()
             .await
             .map_err(|e| CacheError::backend(BACKEND, e))
+    }
+
+    /// The row with primary key `key_hex`. Built and run on SQLite's thread with diesel's sync
+    /// API: one hand-off per lookup, and the prepared statement found by its Rust type, where
+    /// the async wrapper renders the SQL text on the caller's thread to find it.
+    async fn select_row(conn: &mut Object, key_hex: String) -> QueryResult<Option<EntryRow>> {
+        conn.spawn_blocking(move |c| {
+            use super::schema::cache_entries;
+            use diesel::prelude::*;
+            // `get_result`, not `first`: the key is the primary key, and `first`'s bound
+            // `LIMIT ?` made SQLite (built with STAT4) re-prepare the statement on every call,
+            // the most expensive part of an L1 miss.
+            cache_entries::table
+                .find(key_hex)
+                .select(EntryRow::as_select())
+                .get_result(c)
+                .optional()
+        })
+        .await
+    }
+
+    /// Writes `rows` in one hand-off to SQLite's thread, several in one transaction (one
+    /// commit); each row was a hand-off of its own.
+    async fn upsert_rows(conn: &mut Object, rows: Vec<EntryRow>) -> QueryResult<()> {
+        fn upsert(c: &mut SqliteConnection, row: &EntryRow) -> QueryResult<()> {
+            use super::schema::cache_entries as t;
+            use diesel::RunQueryDsl;
+            // `get_result` with `RETURNING`, not `execute`, or it is parsed on every call
+            // (see `KeepPrepared`).
+            KeepPrepared(upsert_statement!(row).returning(t::key))
+                .get_result::<String>(c)
+                .map(|_| ())
+        }
+        conn.spawn_blocking(move |c| match rows.as_slice() {
+            [row] => upsert(c, row),
+            rows => c.transaction(|c| rows.iter().try_for_each(|row| upsert(c, row))),
+        })
+        .await
     }
 }
 
