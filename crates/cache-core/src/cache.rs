@@ -105,7 +105,8 @@ pub enum ServeError<E> {
 pub struct CacheStats {
     /// Signature mismatches under one key (MD5 collisions): answered as misses.
     pub collisions: AtomicU64,
-    /// Requests that waited on another request's fetch.
+    /// Requests that waited on another request's fetch (or on its lookup in the slower tiers,
+    /// which found the entry stored).
     pub coalesced: AtomicU64,
     /// Background refreshes started by stale-while-revalidate.
     pub refreshes: AtomicU64,
@@ -117,6 +118,9 @@ pub struct CacheStats {
 enum Flight<E> {
     /// A response every waiter may share; `stored` tells whether it was cached.
     Shared(Arc<Entry>, bool),
+    /// No fetch: the leader found this entry stored, fresh or stale within its revalidate
+    /// window (a refresh then runs as a flight of its own).
+    Stored(Arc<Entry>),
     /// A private response (Set-Cookie, `private`, `no-store`): only the leader's; waiters fetch
     /// for themselves.
     Private(Arc<Entry>),
@@ -262,19 +266,9 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
     {
         let now = self.inner.clock.now_millis();
         let key = req.signature.key();
-        // A fetch for this key is already running (a stampede): join it on what L1 holds,
-        // without one L2 round trip per waiter for the entry being fetched. L2 is asked for a
-        // stale stand-in only if the fetch fails or turns this request away. (An entry only L2
-        // still holds, stale within its revalidate window, then waits for that fetch instead
-        // of being answered at once.)
-        //
-        // The epoch is read first: a flight that ends after this moves it, and the request, if
-        // it leads the next flight, looks again in every tier; one that ended before is no
-        // longer running, so the lookup below already asks every tier.
-        let epoch = self.inner.flights.epoch(&key);
-        let l1_only = !req.force_refresh && self.inner.flights.is_running(&key);
+        // L1 first: the answer for most requests, and a stale stand-in to keep at hand.
         let mut fallback = None;
-        if let Some(e) = self.lookup_in(&req.signature, !l1_only).await {
+        if let Some(e) = self.lookup_in(&req.signature, false).await {
             match (e.freshness(now), req.force_refresh) {
                 (Freshness::Fresh, false) => return Ok(served(e, CacheStatus::Hit, now)),
                 (Freshness::StaleWhileRevalidate, false) => {
@@ -286,10 +280,14 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
             }
         }
 
-        let (flight, fetched, coalesced, fetch) = match self.inner.flights.join(key) {
+        // Then join this key's flight before asking L2: only its leader asks, once, however
+        // many requests arrive for a cold key at once (a stampede used to send each request
+        // that came before the leader's join to L2), and the leader's fetch starts right after
+        // that one lookup. The others wait for the leader: for what L2 held or for the fetch.
+        let (flight, fetched, fetch) = match self.inner.flights.join(key) {
             // Too many waiters on this key: a usable stale entry is still an answer.
             Err(_) => {
-                if fallback.is_none() && l1_only {
+                if fallback.is_none() {
                     fallback = self.stale_stand_in(&req.signature, now).await;
                 }
                 return match fallback {
@@ -298,36 +296,48 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
                 };
             }
             Ok(Join::Leader(leader, own)) => {
-                // Looked up again only if a flight of this key's shard ended since the epoch was
-                // read (a second L2 round trip on every miss otherwise).
-                if !req.force_refresh
-                    && self.inner.flights.epoch(&key) != epoch
-                    && let Some(e) = self.lookup(&req.signature).await
-                    && e.freshness(self.inner.clock.now_millis()) == Freshness::Fresh
-                {
-                    // A flight finished between our lookup and our join.
-                    leader.complete(Flight::Shared(Arc::clone(&e), true));
-                    return Ok(served(e, CacheStatus::Hit, now));
+                // Both tiers: L1 again too, where a flight that ended since the lookup above
+                // left its entry (L2 gets it only later, from the write-behind queue).
+                if let Some(e) = self.lookup(&req.signature).await {
+                    let now = self.inner.clock.now_millis();
+                    match (e.freshness(now), req.force_refresh) {
+                        (Freshness::Fresh, false) => {
+                            leader.complete(Flight::Stored(Arc::clone(&e)));
+                            return Ok(served(e, CacheStatus::Hit, now));
+                        }
+                        (Freshness::StaleWhileRevalidate, false) => {
+                            // The waiters get the stale entry now too; the refresh is a
+                            // flight of its own.
+                            leader.complete(Flight::Stored(Arc::clone(&e)));
+                            self.refresh_in_background(&req, fetch);
+                            return Ok(served(e, CacheStatus::Stale, now));
+                        }
+                        _ if e.usable_on_error(now) => fallback = Some(e),
+                        _ => {}
+                    }
                 }
                 self.spawn_fetch(leader, req.clone(), fetch);
-                (own.wait().await, true, false, None)
+                (own.wait().await, true, None)
             }
             Ok(Join::Waiter(w)) => {
                 self.inner.stats.coalesced.fetch_add(1, Ordering::Relaxed);
-                (w.wait().await, false, true, Some(fetch))
+                (w.wait().await, false, Some(fetch))
             }
         };
         let now = self.inner.clock.now_millis();
+        let coalesced = !fetched;
         let failed = match &flight {
             Some(Flight::Failed(_)) => true,
             Some(Flight::Shared(e, _) | Flight::Private(e)) => e.status >= 500,
-            None => false,
+            Some(Flight::Stored(_)) | None => false,
         };
-        if failed && fallback.is_none() && l1_only {
+        // A waiter looked only in L1; the leader already asked every tier.
+        if failed && fallback.is_none() && !fetched {
             fallback = self.stale_stand_in(&req.signature, now).await;
         }
         match flight {
             None => Err(ServeError::Aborted),
+            Some(Flight::Stored(e)) => Ok(fallback_served(e, false, now)),
             Some(Flight::Failed(e)) => match fallback {
                 Some(stale) => Ok(fallback_served(stale, fetched, now)),
                 None => Err(ServeError::Upstream(e)),

@@ -2,13 +2,10 @@
 //!
 //! Waiters sleep on a `tokio::sync::watch` channel and are woken the moment the leader
 //! publishes its result: no polling, so a waiter's latency is the fetch's plus a wake-up.
-//!
-//! Completions are counted per shard of keys ([`SingleFlight::epoch`]), so that a new leader
-//! can tell whether a flight for its key may have finished since its own cache lookup.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry as MapEntry;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::watch;
@@ -16,16 +13,6 @@ use tokio::sync::watch;
 use crate::key::CacheKey;
 
 type Flights<T> = Arc<Mutex<HashMap<CacheKey, Flight<T>>>>;
-
-/// Shards of the completion counters.
-const EPOCH_SHARDS: usize = 64;
-
-/// Completions per shard of keys.
-type Epochs = Arc<[AtomicU64; EPOCH_SHARDS]>;
-
-fn epoch_of<'a>(epochs: &'a Epochs, key: &CacheKey) -> &'a AtomicU64 {
-    &epochs[usize::from(key.as_bytes()[0]) % EPOCH_SHARDS]
-}
 
 struct Flight<T> {
     rx: watch::Receiver<Option<T>>,
@@ -35,7 +22,6 @@ struct Flight<T> {
 /// In-flight fetches by key. Cheap to clone; clones share the table.
 pub struct SingleFlight<T> {
     flights: Flights<T>,
-    epochs: Epochs,
     max_waiters: usize,
 }
 
@@ -43,7 +29,6 @@ impl<T> Clone for SingleFlight<T> {
     fn clone(&self) -> Self {
         SingleFlight {
             flights: Arc::clone(&self.flights),
-            epochs: Arc::clone(&self.epochs),
             max_waiters: self.max_waiters,
         }
     }
@@ -66,7 +51,6 @@ pub struct Leader<T> {
     key: CacheKey,
     tx: watch::Sender<Option<T>>,
     flights: Flights<T>,
-    epochs: Epochs,
 }
 
 /// A caller waiting for a leader's result.
@@ -84,18 +68,8 @@ impl<T: Clone + Send + Sync + 'static> SingleFlight<T> {
     pub fn new(max_waiters: usize) -> Self {
         SingleFlight {
             flights: Arc::default(),
-            epochs: Arc::new(std::array::from_fn(|_| AtomicU64::new(0))),
             max_waiters,
         }
-    }
-
-    /// A number that changes whenever a flight ends (completed or abandoned) for `key` or
-    /// for another key of its shard. Read before a cache lookup (and before asking
-    /// [`is_running`](Self::is_running)) and again after [`join`](Self::join) made the caller
-    /// the leader of a new flight: unchanged, no flight for `key` has stored anything or ended
-    /// since, and the lookup need not be repeated. (Changed only means one may have.)
-    pub fn epoch(&self, key: &CacheKey) -> u64 {
-        epoch_of(&self.epochs, key).load(Ordering::Acquire)
     }
 
     /// Joins the flight for `key`, starting one if none is running.
@@ -125,7 +99,6 @@ impl<T: Clone + Send + Sync + 'static> SingleFlight<T> {
                         key,
                         tx,
                         flights: Arc::clone(&self.flights),
-                        epochs: Arc::clone(&self.epochs),
                     },
                     Waiter { rx, waiters },
                 ))
@@ -148,7 +121,6 @@ impl<T: Clone + Send + Sync + 'static> SingleFlight<T> {
                     key,
                     tx,
                     flights: Arc::clone(&self.flights),
-                    epochs: Arc::clone(&self.epochs),
                 })
             }
         }
@@ -173,18 +145,15 @@ impl<T: Clone + Send + Sync + 'static> SingleFlight<T> {
 impl<T> Leader<T> {
     /// Publishes the result and wakes every waiter. Later callers start a new flight.
     ///
-    /// Whatever the fetch stored must be stored before this is called: the key's
-    /// [`epoch`](SingleFlight::epoch) moves on before the flight leaves the table, so a
-    /// caller that leads the next flight sees the new epoch and looks again.
+    /// Whatever the fetch stored must be stored before this is called: a caller that leads
+    /// the next flight looks in the cache after joining, and must find it.
     pub fn complete(self, value: T) {
         self.unregister();
         let _ = self.tx.send(Some(value));
     }
 
-    /// Removes the flight from the table, its shard's epoch moved on first (also when the
-    /// leader went away without a result: whoever leads next then looks in every tier).
+    /// Removes the flight from the table.
     fn unregister(&self) {
-        epoch_of(&self.epochs, &self.key).fetch_add(1, Ordering::AcqRel);
         let mut flights = lock(&self.flights);
         // Only remove our own flight (same channel), never a successor's.
         if flights
@@ -255,36 +224,6 @@ mod tests {
         let _lead = sf.join(key);
         let _w = sf.join(key);
         assert!(matches!(sf.join(key), Err(TooManyWaiters)));
-    }
-
-    #[test]
-    fn the_epoch_moves_when_a_flight_of_the_shard_ends() {
-        let sf: SingleFlight<u32> = SingleFlight::new(10);
-        let key = CacheKey::of("k");
-        let other = (0..)
-            .map(|i| CacheKey::of(&format!("other-{i}")))
-            .find(|k| k.as_bytes()[0] % 64 != key.as_bytes()[0] % 64)
-            .expect("a key of another shard");
-        let e0 = sf.epoch(&key);
-        let Ok(Join::Leader(leader, _own)) = sf.join(key) else {
-            panic!("first caller must lead")
-        };
-        assert_eq!(sf.epoch(&key), e0, "starting a flight is not an end");
-        leader.complete(1);
-        let e1 = sf.epoch(&key);
-        assert_ne!(e1, e0, "completed");
-        // Another shard's flight leaves this key's epoch alone.
-        let Some(leader) = sf.try_lead(other) else {
-            panic!("no flight for the other key")
-        };
-        leader.complete(2);
-        assert_eq!(sf.epoch(&key), e1);
-        // An abandoned flight moves it too.
-        let Some(leader) = sf.try_lead(key) else {
-            panic!("no flight for the key")
-        };
-        drop(leader);
-        assert_ne!(sf.epoch(&key), e1, "abandoned");
     }
 
     #[tokio::test]

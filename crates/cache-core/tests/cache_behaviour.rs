@@ -1024,6 +1024,29 @@ fn counted_tiers(clock: &Arc<ManualClock>) -> (Arc<CountingStore>, Arc<TieredSto
     (l2, tiers)
 }
 
+/// `1 + waiters` requests for `req` at once: the first leads, its L2 lookup held until the
+/// returned sender fires (or is dropped); the others wait on it when this returns (none of
+/// them counted as coalesced before). Every fetch answers `ok(answer)` through `up`.
+async fn burst_on_a_held_lookup(
+    cache: &Cache<String>,
+    l2: &CountingStore,
+    req: &CacheRequest,
+    up: &Upstream,
+    answer: &str,
+    waiters: usize,
+) -> (tokio::sync::oneshot::Sender<()>, Vec<JoinHandle<Outcome>>) {
+    let (release, held) = tokio::sync::oneshot::channel();
+    *l2.hold_next_get.lock().expect("lock") = Some(held);
+    let mut handles = vec![spawn_serve(cache, req, up.fetch(ok(answer)))];
+    eventually("the leader's lookup is held", || {
+        l2.hold_next_get.lock().expect("lock").is_none()
+    })
+    .await;
+    handles.extend((0..waiters).map(|_| spawn_serve(cache, req, up.fetch(ok(answer)))));
+    eventually("the others wait", || coalesced(cache) == waiters as u64).await;
+    (release, handles)
+}
+
 /// A stampede on a cold key: the requests that find a fetch running join it on what L1 holds,
 /// instead of each asking L2 for the entry being fetched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1049,10 +1072,10 @@ async fn waiters_on_a_running_fetch_do_not_query_l2() {
     assert_eq!(up.calls(), 1);
 }
 
-/// A miss asks L2 once: the leader looks again only when a flight of its key's shard ended
-/// since its first lookup (and then finds what that flight stored, without a second fetch).
+/// A miss asks L2 once, and a burst of misses for one cold key asks it once too: the requests
+/// join the key's flight before L2 is asked, and only its leader asks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_miss_asks_l2_once_unless_a_flight_ended_meanwhile() {
+async fn a_miss_asks_l2_once_and_a_burst_only_through_its_leader() {
     let clock = Arc::new(ManualClock::new(T0));
     let (l2, tiers) = counted_tiers(&clock);
     let cache = Cache::<String>::builder(tiers).clock(clock.clone()).build();
@@ -1066,23 +1089,71 @@ async fn a_miss_asks_l2_once_unless_a_flight_ended_meanwhile() {
     }
     assert_eq!(up.calls(), 5);
 
-    // A flight ending between a request's lookup and its join: that request, leading the
-    // next flight, looks again and is answered with what the flight stored.
-    let req = request("raced=1", policy(60, 0, 0));
-    let (release, held) = tokio::sync::oneshot::channel();
-    *l2.hold_next_get.lock().expect("lock") = Some(held);
-    let late = Upstream::open();
-    let slow = spawn_serve(&cache, &req, late.fetch(ok("second")));
-    eventually("the first lookup is held", || {
-        l2.hold_next_get.lock().expect("lock").is_none()
-    })
-    .await;
-    let first = served(cache.serve(req.clone(), up.fetch(ok("first"))).await);
-    assert_eq!(body(&first), b"first");
+    // The leader's lookup is held: 20 more requests arrive meanwhile and wait for it.
+    let req = request("burst=1", policy(60, 0, 0));
+    let before = l2.gets.load(Ordering::SeqCst);
+    let (release, requests) = burst_on_a_held_lookup(&cache, &l2, &req, &up, "burst", 20).await;
+    assert_eq!(
+        l2.gets.load(Ordering::SeqCst) - before,
+        1,
+        "only the leader asks L2"
+    );
+    assert_eq!(up.calls(), 5, "the fetch waits for the lookup");
     let _ = release.send(());
-    let s = served(join(slow).await);
-    assert_eq!((s.status, body(&s)), (CacheStatus::Hit, &b"first"[..]));
-    assert_eq!(late.calls(), 0, "a second fetch");
+    for handle in requests {
+        let s = served(join(handle).await);
+        assert_eq!((s.status, body(&s)), (CacheStatus::Miss, &b"burst"[..]));
+    }
+    assert_eq!(up.calls(), 6);
+    assert_eq!(l2.gets.load(Ordering::SeqCst) - before, 1);
+}
+
+/// A burst for an entry only L2 holds (L1 lost it, or the process restarted): the leader finds
+/// it and answers every waiter with it, fresh as a hit, stale (within its revalidate window)
+/// as stale with one refresh; no waiter asks L2 and none counts as an upstream call saved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_for_an_entry_only_l2_holds_is_answered_by_the_leaders_lookup() {
+    for (stale, status) in [(false, CacheStatus::Hit), (true, CacheStatus::Stale)] {
+        let clock = Arc::new(ManualClock::new(T0));
+        let (l2, tiers) = counted_tiers(&clock);
+        let cache = Cache::<String>::builder(tiers).clock(clock.clone()).build();
+        let req = request("in-l2=1", policy(10, 600, 0));
+        let stored = Entry::new(
+            req.signature.as_str(),
+            "up",
+            "/r",
+            200,
+            vec![],
+            Bytes::from_static(b"stored"),
+            0.25,
+            &req.policy,
+            T0,
+        );
+        l2.put(req.signature.key(), Arc::new(stored))
+            .await
+            .expect("put");
+        if stale {
+            clock.advance(secs(20)); // past the TTL, inside stale-while-revalidate
+        }
+        let up = Upstream::open();
+        let (release, requests) =
+            burst_on_a_held_lookup(&cache, &l2, &req, &up, "fetched", 10).await;
+        let _ = release.send(());
+        for handle in requests {
+            let s = served(join(handle).await);
+            assert_eq!(
+                (s.status, body(&s)),
+                (status, &b"stored"[..]),
+                "stale {stale}"
+            );
+            assert!(!s.fetched && !s.coalesced, "stale {stale}");
+        }
+        assert_eq!(l2.gets.load(Ordering::SeqCst), 1, "stale {stale}");
+        let refreshes = usize::from(stale);
+        eventually("the refresh ran", || up.calls() == refreshes).await;
+        eventually("no flight left", || cache.in_flight() == 0).await;
+        assert_eq!(up.calls(), refreshes, "stale {stale}");
+    }
 }
 
 /// The waiters that skipped L2 still get the stale entry only L2 holds when the fetch fails.
