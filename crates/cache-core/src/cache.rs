@@ -337,7 +337,12 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
         }
         match flight {
             None => Err(ServeError::Aborted),
-            Some(Flight::Stored(e)) => Ok(fallback_served(e, false, now)),
+            Some(Flight::Stored(e)) => match fetch {
+                // Asked to refresh (`no-cache`), but the flight it joined only found the entry
+                // stored: serve again, now leading (or joining) a flight that fetches.
+                Some(fetch) if req.force_refresh => Box::pin(self.serve(req, fetch)).await,
+                _ => Ok(fallback_served(e, false, now)),
+            },
             Some(Flight::Failed(e)) => match fallback {
                 Some(stale) => Ok(fallback_served(stale, fetched, now)),
                 None => Err(ServeError::Upstream(e)),

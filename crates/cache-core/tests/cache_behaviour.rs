@@ -1024,6 +1024,31 @@ fn counted_tiers(clock: &Arc<ManualClock>) -> (Arc<CountingStore>, Arc<TieredSto
     (l2, tiers)
 }
 
+/// A cache over [`counted_tiers`] whose L2 alone holds an answer to `req` (`stored`, stored at
+/// `T0`).
+async fn cache_with_an_entry_only_l2_holds(
+    req: &CacheRequest,
+) -> (Arc<ManualClock>, Arc<CountingStore>, Cache<String>) {
+    let clock = Arc::new(ManualClock::new(T0));
+    let (l2, tiers) = counted_tiers(&clock);
+    let cache = Cache::<String>::builder(tiers).clock(clock.clone()).build();
+    let stored = Entry::new(
+        req.signature.as_str(),
+        "up",
+        "/r",
+        200,
+        vec![],
+        Bytes::from_static(b"stored"),
+        0.25,
+        &req.policy,
+        T0,
+    );
+    l2.put(req.signature.key(), Arc::new(stored))
+        .await
+        .expect("put");
+    (clock, l2, cache)
+}
+
 /// `1 + waiters` requests for `req` at once: the first leads, its L2 lookup held until the
 /// returned sender fires (or is dropped); the others wait on it when this returns (none of
 /// them counted as coalesced before). Every fetch answers `ok(answer)` through `up`.
@@ -1110,28 +1135,12 @@ async fn a_miss_asks_l2_once_and_a_burst_only_through_its_leader() {
 
 /// A burst for an entry only L2 holds (L1 lost it, or the process restarted): the leader finds
 /// it and answers every waiter with it, fresh as a hit, stale (within its revalidate window)
-/// as stale with one refresh; no waiter asks L2 and none counts as an upstream call saved.
+/// as stale with one refresh; no waiter asks L2 and none is reported as coalesced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_for_an_entry_only_l2_holds_is_answered_by_the_leaders_lookup() {
     for (stale, status) in [(false, CacheStatus::Hit), (true, CacheStatus::Stale)] {
-        let clock = Arc::new(ManualClock::new(T0));
-        let (l2, tiers) = counted_tiers(&clock);
-        let cache = Cache::<String>::builder(tiers).clock(clock.clone()).build();
         let req = request("in-l2=1", policy(10, 600, 0));
-        let stored = Entry::new(
-            req.signature.as_str(),
-            "up",
-            "/r",
-            200,
-            vec![],
-            Bytes::from_static(b"stored"),
-            0.25,
-            &req.policy,
-            T0,
-        );
-        l2.put(req.signature.key(), Arc::new(stored))
-            .await
-            .expect("put");
+        let (clock, l2, cache) = cache_with_an_entry_only_l2_holds(&req).await;
         if stale {
             clock.advance(secs(20)); // past the TTL, inside stale-while-revalidate
         }
@@ -1154,6 +1163,36 @@ async fn a_burst_for_an_entry_only_l2_holds_is_answered_by_the_leaders_lookup() 
         eventually("no flight left", || cache.in_flight() == 0).await;
         assert_eq!(up.calls(), refreshes, "stale {stale}");
     }
+}
+
+/// A `no-cache` request that joined a flight which only found the entry stored is not answered
+/// with that entry: it goes on to fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_that_joined_a_lookup_still_fetches() {
+    let req = request("refresh-joins=1", policy(60, 0, 0));
+    let (_clock, l2, cache) = cache_with_an_entry_only_l2_holds(&req).await;
+    let up = Upstream::open();
+    let (release, mut requests) = burst_on_a_held_lookup(&cache, &l2, &req, &up, "x", 0).await;
+    let refresh = CacheRequest {
+        force_refresh: true,
+        ..req.clone()
+    };
+    requests.push(spawn_serve(&cache, &refresh, up.fetch(ok("fresh"))));
+    eventually("the refresh waits", || coalesced(&cache) == 1).await;
+    let _ = release.send(());
+    let mut answers = Vec::new();
+    for handle in requests {
+        let s = served(join(handle).await);
+        answers.push((s.status, s.fetched, body(&s).to_vec()));
+    }
+    assert_eq!(
+        answers,
+        [
+            (CacheStatus::Hit, false, b"stored".to_vec()),
+            (CacheStatus::Miss, true, b"fresh".to_vec()),
+        ]
+    );
+    assert_eq!(up.calls(), 1);
 }
 
 /// The waiters that skipped L2 still get the stale entry only L2 holds when the fetch fails.
