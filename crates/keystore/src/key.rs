@@ -111,33 +111,47 @@ impl FromStr for ApiKey {
 }
 
 /// Whether `s` has the form of a key: `tg_` and 43 base62 characters encoding a value below
-/// 2^256. Allocates nothing.
+/// 2^256. Allocates nothing, and costs a comparison, not a decode: every request with a key
+/// asks it.
 pub fn is_well_formed(s: &str) -> bool {
     s.len() == KEY_LEN
-        && s.strip_prefix(KEY_PREFIX)
-            .is_some_and(|body| base62_decode(body.as_bytes()).is_some())
+        && s.strip_prefix(KEY_PREFIX).is_some_and(|body| {
+            let body = body.as_bytes();
+            // The alphabet is in ASCII order and every body has the same length, so the
+            // bodies' byte order is their numbers' order.
+            body.iter().all(u8::is_ascii_alphanumeric) && body <= &MAX_BODY[..]
+        })
 }
 
+/// The body of the largest key, 2^256 - 1.
+const MAX_BODY: [u8; BODY_LEN] = base62_encode(&[0xff; KEY_ENTROPY_BYTES]);
+
 /// The base62 form of `bytes` read as a big-endian number, left-padded with `0` to 43 digits.
-pub(crate) fn base62_encode(bytes: &[u8; KEY_ENTROPY_BYTES]) -> [u8; BODY_LEN] {
+pub(crate) const fn base62_encode(bytes: &[u8; KEY_ENTROPY_BYTES]) -> [u8; BODY_LEN] {
     let mut num = *bytes;
     let mut out = [b'0'; BODY_LEN];
-    for digit in out.iter_mut().rev() {
+    let mut d = BODY_LEN;
+    while d > 0 {
+        d -= 1;
         let mut rem = 0u32;
-        for byte in num.iter_mut() {
-            let acc = (rem << 8) | u32::from(*byte);
+        let mut i = 0;
+        while i < KEY_ENTROPY_BYTES {
+            let acc = (rem << 8) | num[i] as u32;
             // acc < 62 * 256, so the quotient fits a byte.
-            *byte = (acc / 62) as u8;
+            num[i] = (acc / 62) as u8;
             rem = acc % 62;
+            i += 1;
         }
-        *digit = BASE62[rem as usize];
+        out[d] = BASE62[rem as usize];
     }
     out
 }
 
 /// The 32 bytes a 43-digit base62 string encodes; `None` for another length, a character
-/// outside the alphabet, or a value of 2^256 or more.
-pub(crate) fn base62_decode(s: &[u8]) -> Option<[u8; KEY_ENTROPY_BYTES]> {
+/// outside the alphabet, or a value of 2^256 or more. The tests' reference for
+/// [`base62_encode`] and [`is_well_formed`].
+#[cfg(test)]
+fn base62_decode(s: &[u8]) -> Option<[u8; KEY_ENTROPY_BYTES]> {
     if s.len() != BODY_LEN {
         return None;
     }
@@ -156,6 +170,7 @@ pub(crate) fn base62_decode(s: &[u8]) -> Option<[u8; KEY_ENTROPY_BYTES]> {
     Some(num)
 }
 
+#[cfg(test)]
 fn base62_digit(c: u8) -> Option<u8> {
     match c {
         b'0'..=b'9' => Some(c - b'0'),
@@ -376,6 +391,26 @@ mod tests {
             prop_assert_eq!(base62_decode(&encoded), Some(bytes));
             let key = ApiKey::from_entropy(&bytes);
             prop_assert!(is_well_formed(key.expose_secret()));
+        }
+
+        #[test]
+        fn well_formed_is_exactly_what_decodes(
+            body in "[0-9A-Za-z]{43}",
+            near_max in 0usize..43,
+            digit in "[0-9A-Za-z]",
+        ) {
+            prop_assert_eq!(
+                is_well_formed(&format!("tg_{body}")),
+                base62_decode(body.as_bytes()).is_some()
+            );
+            // Bodies around the largest key, where the order decides.
+            let mut edge = MAX_BODY;
+            edge[near_max] = digit.as_bytes()[0];
+            let edge = std::str::from_utf8(&edge).unwrap();
+            prop_assert_eq!(
+                is_well_formed(&format!("tg_{edge}")),
+                base62_decode(edge.as_bytes()).is_some()
+            );
         }
 
         #[test]
