@@ -81,4 +81,4 @@ pub use sql::PostgresStore;
 #[cfg(feature = "sqlite")]
 pub use sql::SqliteStore;
 pub use store::{CacheStore, PurgeFilter, StoreUsage};
-pub use tiered::{TierStats, TieredStore};
+pub use tiered::{DEFAULT_WRITE_LINGER, TierStats, TieredStore};

@@ -846,20 +846,9 @@ async fn memory_store_stays_within_its_byte_bound() {
 async fn memory_store_expires_by_the_injected_clock() {
     let clock = Arc::new(ManualClock::new(T0));
     let store = MemoryStore::with_clock(1 << 20, clock.clone());
-    let e = Entry::new(
-        "sig",
-        "up",
-        "/r",
-        200,
-        vec![],
-        Bytes::from_static(b"x"),
-        0.0,
-        &policy(10, 5, 20),
-        T0,
-    );
+    let (key, e) = tiny_entry("sig", &policy(10, 5, 20));
     assert_eq!(e.expires_at(), T0 + 30_000);
-    let key = CacheKey::of("sig");
-    store.put(key, Arc::new(e.clone())).await.expect("put");
+    store.put(key, Arc::clone(&e)).await.expect("put");
     // T0 is years before the real clock: still here, so the store goes by the injected clock.
     assert!(store.get(&key).await.expect("get").is_some());
 
@@ -873,7 +862,7 @@ async fn memory_store_expires_by_the_injected_clock() {
     assert!(store.get_sync(&key).is_none());
 
     // An entry already past its horizon is not returned either.
-    store.put(key, Arc::new(e)).await.expect("put");
+    store.put(key, e).await.expect("put");
     assert!(store.get(&key).await.expect("get").is_none());
 }
 
@@ -971,11 +960,13 @@ async fn a_cache_over_a_cold_tiered_store_hits_l2() {
     assert_eq!(cold.stats().l2_hits.load(Ordering::SeqCst), 1);
 }
 
-/// A real memory store that counts the lookups reaching it. `hold_next_get`: the next lookup
-/// reads the store, then waits for that channel before it answers (what it read).
+/// A real memory store that counts the lookups and the write batches reaching it.
+/// `hold_next_get`: the next lookup reads the store, then waits for that channel before it
+/// answers (what it read).
 struct CountingStore {
     inner: MemoryStore,
     gets: AtomicUsize,
+    batches: AtomicUsize,
     hold_next_get: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
 }
 
@@ -996,6 +987,10 @@ impl CacheStore for CountingStore {
     async fn put(&self, key: CacheKey, entry: Arc<Entry>) -> cache_core::Result<()> {
         self.inner.put(key, entry).await
     }
+    async fn put_many(&self, entries: &[(CacheKey, Arc<Entry>)]) -> cache_core::Result<()> {
+        self.batches.fetch_add(1, Ordering::SeqCst);
+        self.inner.put_many(entries).await
+    }
     async fn remove(&self, key: &CacheKey) -> cache_core::Result<bool> {
         self.inner.remove(key).await
     }
@@ -1014,6 +1009,7 @@ fn counted_tiers(clock: &Arc<ManualClock>) -> (Arc<CountingStore>, Arc<TieredSto
     let l2 = Arc::new(CountingStore {
         inner: MemoryStore::with_clock(8 << 20, clock.clone()),
         gets: AtomicUsize::new(0),
+        batches: AtomicUsize::new(0),
         hold_next_get: std::sync::Mutex::new(None),
     });
     let tiers = Arc::new(TieredStore::new(
@@ -1022,6 +1018,80 @@ fn counted_tiers(clock: &Arc<ManualClock>) -> (Arc<CountingStore>, Arc<TieredSto
         4,
     ));
     (l2, tiers)
+}
+
+/// A small entry for `signature` stored at `T0` under `policy`, and its key.
+fn tiny_entry(signature: &str, policy: &CachePolicy) -> (CacheKey, Arc<Entry>) {
+    let e = Entry::new(
+        signature,
+        "up",
+        "/r",
+        200,
+        vec![],
+        Bytes::from_static(b"x"),
+        0.0,
+        policy,
+        T0,
+    );
+    (CacheKey::of(signature), Arc::new(e))
+}
+
+/// Writes `n` entries into `tiers`, `gap` apart (tokio time), then waits out the writer's
+/// linger; how many batches reached L2 and how many entries it holds.
+async fn trickle(tiers: &TieredStore, l2: &CountingStore, n: usize, gap: Duration) -> (usize, u64) {
+    for i in 0..n {
+        let (k, e) = tiny_entry(&format!("GET up /trickle/{i}"), &CachePolicy::default());
+        tiers.put(k, e).await.expect("put");
+        tokio::time::sleep(gap).await;
+    }
+    tokio::time::sleep(cache_core::DEFAULT_WRITE_LINGER * 2).await;
+    let held = l2.usage().await.expect("usage").entries;
+    (l2.batches.load(Ordering::SeqCst), held)
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_l2_writer_commits_a_trickle_of_writes_together() {
+    let clock = Arc::new(ManualClock::new(T0));
+    // Five writes 2 ms apart, all within the default linger of the first: one batch.
+    let (l2, tiers) = counted_tiers(&clock);
+    assert_eq!(
+        trickle(&tiers, &l2, 5, Duration::from_millis(2)).await,
+        (1, 5)
+    );
+    // Without a linger each write that finds the writer idle is a batch of its own.
+    let (l2, tiers) = counted_tiers(&clock);
+    let tiers = Arc::into_inner(tiers)
+        .expect("one owner")
+        .with_write_linger(Duration::ZERO);
+    assert_eq!(
+        trickle(&tiers, &l2, 5, Duration::from_millis(2)).await,
+        (5, 5)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_flush_does_not_wait_for_the_linger() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let (l2, tiers) = counted_tiers(&clock);
+    let tiers = Arc::into_inner(tiers)
+        .expect("one owner")
+        .with_write_linger(Duration::from_secs(60));
+    let (k, e) = tiny_entry("GET up /flushed", &CachePolicy::default());
+    tiers.put(k, e).await.expect("put");
+    tokio::task::yield_now().await;
+    let started = tokio::time::Instant::now();
+    tiers.flush().await.expect("flush");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        l2.usage().await.expect("usage").entries,
+        1,
+        "written by the flush"
+    );
+    assert_eq!(l2.batches.load(Ordering::SeqCst), 1);
 }
 
 /// A cache over [`counted_tiers`] whose L2 alone holds an answer to `req` (`stored`, stored at
