@@ -215,6 +215,10 @@ pub struct CacheConfig {
     /// Default 20 ms.
     #[serde(deserialize_with = "de_duration")]
     pub l2_write_linger: Duration,
+    /// With a SQLite L2: keep a Bloom filter (2 MiB) of the keys it holds, so that a miss for
+    /// a key never stored does not ask the database. Turn off only when another process writes
+    /// the same SQLite file. No effect on PostgreSQL (shared by nodes). Default true.
+    pub l2_filter: bool,
     /// How often expired entries are swept from L2. Default 60 s.
     #[serde(deserialize_with = "de_duration")]
     pub sweep_interval: Duration,
@@ -231,6 +235,7 @@ impl Default for CacheConfig {
             max_waiters: 10_000,
             l2_write_queue: 1024,
             l2_write_linger: cache_core::DEFAULT_WRITE_LINGER,
+            l2_filter: true,
             sweep_interval: Duration::from_secs(60),
             sweep_batch: 500,
             max_upstream_body_bytes: ByteSize::mib(10),
@@ -2009,6 +2014,7 @@ prewarm = ["/properties?city=Austin&state=TX"]
         assert_eq!(config.cache.max_waiters, 10_000);
         assert_eq!(config.cache.l2_write_queue, 1024);
         assert_eq!(config.cache.l2_write_linger, Duration::from_millis(20));
+        assert!(config.cache.l2_filter);
         assert_eq!(config.cache.sweep_interval, Duration::from_secs(60));
         assert_eq!(config.cache.sweep_batch, 500);
         assert_eq!(config.cache.max_upstream_body_bytes, ByteSize(10 << 20));

@@ -197,6 +197,7 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         m.cache_l2_errors.set(get(&t.l2_errors));
         m.cache_l2_hits.set(get(&t.l2_hits));
         m.cache_l2_skipped.set(get(&t.l2_skipped));
+        m.cache_l2_filtered.set(get(&t.l2_filtered));
     }
     if let Some(q) = &g.limits.sql_quotas {
         let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);

@@ -24,6 +24,7 @@ pub struct Metrics {
     pub cache_l2_errors: IntGauge,
     pub cache_l2_hits: IntGauge,
     pub cache_l2_skipped: IntGauge,
+    pub cache_l2_filtered: IntGauge,
     /// 1 while a dependency (`database`, `redis`) answers its health check, 0 while it does not.
     pub dependency_up: IntGaugeVec,
     /// Quota increments that could not be kept for the database (in-memory buffer full).
@@ -160,6 +161,10 @@ impl Metrics {
             "tollgate_cache_l2_skipped_total",
             "L2 (database) cache reads and writes not attempted because the database failed moments ago",
         )?;
+        let cache_l2_filtered = IntGauge::new(
+            "tollgate_cache_l2_filtered_total",
+            "L2 (database) cache reads not made because the key filter showed the key was never stored",
+        )?;
         let dependency_up = IntGaugeVec::new(
             Opts::new(
                 "tollgate_dependency_up",
@@ -221,6 +226,7 @@ impl Metrics {
         registry.register(Box::new(cache_l2_errors.clone()))?;
         registry.register(Box::new(cache_l2_hits.clone()))?;
         registry.register(Box::new(cache_l2_skipped.clone()))?;
+        registry.register(Box::new(cache_l2_filtered.clone()))?;
         registry.register(Box::new(dependency_up.clone()))?;
         registry.register(Box::new(quota_dropped.clone()))?;
         registry.register(Box::new(quota_pending.clone()))?;
@@ -247,6 +253,7 @@ impl Metrics {
             cache_l2_errors,
             cache_l2_hits,
             cache_l2_skipped,
+            cache_l2_filtered,
             dependency_up,
             quota_dropped,
             quota_pending,

@@ -63,10 +63,14 @@ async fn run(cfg: Arc<Config>, db: Database) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new()?);
     let l2 = db.cache_store(cfg.storage.pool_size)?;
     let l1 = MemoryStore::new(cfg.cache.l1_max_bytes.0);
-    let tiered = Arc::new(
-        TieredStore::new(l1, Arc::clone(&l2), cfg.cache.l2_write_queue)
-            .with_write_linger(cfg.cache.l2_write_linger),
-    );
+    let mut tiered = TieredStore::new(l1, Arc::clone(&l2), cfg.cache.l2_write_queue)
+        .with_write_linger(cfg.cache.l2_write_linger);
+    // A SQLite file is one node's own: a filter of its keys spares the long tail's misses a
+    // database lookup.
+    if cfg.cache.l2_filter && matches!(db, Database::Sqlite { .. }) {
+        tiered = tiered.with_l2_filter();
+    }
+    let tiered = Arc::new(tiered);
     let cache =
         Cache::<crate::gateway::FetchError>::builder(Arc::clone(&tiered) as Arc<dyn CacheStore>)
             .max_waiters(cfg.cache.max_waiters)

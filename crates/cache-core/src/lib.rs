@@ -55,6 +55,7 @@ mod clock;
 mod coalesce;
 mod entry;
 mod error;
+mod filter;
 mod key;
 mod memory;
 mod normalize;

@@ -94,6 +94,18 @@ pub trait CacheStore: Send + Sync + 'static {
     async fn flush(&self) -> Result<()> {
         Ok(())
     }
+
+    /// Up to `limit` keys of stored entries in ascending order, those after `after` (from the
+    /// first when `None`): how [`TieredStore::with_l2_filter`](crate::TieredStore::with_l2_filter)
+    /// learns what its L2 holds. `Ok(None)`: this store cannot list its keys (the default).
+    async fn keys_after(
+        &self,
+        after: Option<CacheKey>,
+        limit: usize,
+    ) -> Result<Option<Vec<CacheKey>>> {
+        let _ = (after, limit);
+        Ok(None)
+    }
 }
 
 #[async_trait]
@@ -127,6 +139,13 @@ impl<S: CacheStore + ?Sized> CacheStore for Arc<S> {
     }
     async fn usage(&self) -> Result<StoreUsage> {
         (**self).usage().await
+    }
+    async fn keys_after(
+        &self,
+        after: Option<CacheKey>,
+        limit: usize,
+    ) -> Result<Option<Vec<CacheKey>>> {
+        (**self).keys_after(after, limit).await
     }
     async fn flush(&self) -> Result<()> {
         (**self).flush().await

@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::clock::UnixMillis;
 use crate::entry::Entry;
 use crate::error::{CacheError, Result};
+use crate::filter::L2Filter;
 use crate::key::CacheKey;
 use crate::memory::MemoryStore;
 use crate::store::{CacheStore, PurgeFilter, StoreUsage};
@@ -30,6 +31,9 @@ pub struct TierStats {
     pub l2_errors: AtomicU64,
     /// L2 reads or writes not attempted because L2 failed moments ago (see [`TieredStore`]).
     pub l2_skipped: AtomicU64,
+    /// L2 reads not made because the L2 filter ruled the key out
+    /// ([`TieredStore::with_l2_filter`]).
+    pub l2_filtered: AtomicU64,
 }
 
 /// After an L2 failure, L2 is left alone for a cool-down, so that a dead database costs each
@@ -85,6 +89,8 @@ pub struct TieredStore {
     health: Arc<L2Health>,
     /// How long the writer waits for a batch to fill, in microseconds.
     linger_us: Arc<AtomicU64>,
+    /// Which keys L2 may hold, when L2 is this process's alone; shared with the writer.
+    filter: Arc<std::sync::OnceLock<Arc<L2Filter>>>,
 }
 
 /// The default of [`TieredStore::with_write_linger`].
@@ -111,12 +117,16 @@ impl TieredStore {
             cooldown_ms: AtomicU64::new(1000),
         });
         let linger_us = Arc::new(AtomicU64::new(micros(DEFAULT_WRITE_LINGER)));
+        let filter = Arc::new(std::sync::OnceLock::new());
         tokio::spawn(write_behind(
             rx,
             Arc::clone(&l2),
-            Arc::clone(&stats),
-            Arc::clone(&health),
-            Arc::clone(&linger_us),
+            Writer {
+                stats: Arc::clone(&stats),
+                health: Arc::clone(&health),
+                linger_us: Arc::clone(&linger_us),
+                filter: Arc::clone(&filter),
+            },
         ));
         TieredStore {
             l1,
@@ -125,7 +135,28 @@ impl TieredStore {
             stats,
             health,
             linger_us,
+            filter,
         }
+    }
+
+    /// Keeps a Bloom filter of the keys L2 holds, so that a miss for a key L2 has never stored
+    /// does not ask it. **Only for an L2 no other process writes** (a SQLite file): what
+    /// another process stores stays invisible to this one until the filter's next rebuild.
+    ///
+    /// The filter (2 MiB) is built by listing L2's keys
+    /// ([`keys_after`](CacheStore::keys_after)) in the background; until that is done, and for
+    /// an L2 that cannot list them, every miss asks L2 as before. Every key this store writes
+    /// is recorded; keys removed from L2 stay in the filter (a lookup more, never a wrong
+    /// answer) until it is rebuilt, after 2,000,000 recorded writes.
+    pub fn with_l2_filter(self) -> Self {
+        let _ = self.filter.set(L2Filter::spawn(Arc::clone(&self.l2)));
+        self
+    }
+
+    /// Whether the L2 filter is built and answering (see
+    /// [`with_l2_filter`](Self::with_l2_filter)).
+    pub fn l2_filter_ready(&self) -> bool {
+        self.filter.get().is_some_and(|f| f.is_built())
     }
 
     /// How long the L2 writer waits, after taking the first write of a batch, for the batch to
@@ -174,6 +205,14 @@ impl TieredStore {
 /// Most queued L2 writes committed together (one transaction in the SQL stores).
 const WRITE_BATCH: usize = 64;
 
+/// What the L2 writer shares with its store.
+struct Writer {
+    stats: Arc<TierStats>,
+    health: Arc<L2Health>,
+    linger_us: Arc<AtomicU64>,
+    filter: Arc<std::sync::OnceLock<Arc<L2Filter>>>,
+}
+
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
@@ -182,16 +221,10 @@ fn micros(d: Duration) -> u64 {
 /// [`WRITE_BATCH`] writes; not when a flush is queued), and stores it with one
 /// [`put_many`](CacheStore::put_many); a flush request is answered once every write queued
 /// before it has been tried. Ends, after writing what it took, when the store is dropped.
-async fn write_behind(
-    mut rx: mpsc::Receiver<Write>,
-    l2: Arc<dyn CacheStore>,
-    stats: Arc<TierStats>,
-    health: Arc<L2Health>,
-    linger_us: Arc<AtomicU64>,
-) {
+async fn write_behind(mut rx: mpsc::Receiver<Write>, l2: Arc<dyn CacheStore>, w: Writer) {
     let mut queued = Vec::with_capacity(WRITE_BATCH);
     while rx.recv_many(&mut queued, WRITE_BATCH).await > 0 {
-        let linger = Duration::from_micros(linger_us.load(Ordering::Relaxed));
+        let linger = Duration::from_micros(w.linger_us.load(Ordering::Relaxed));
         let deadline = tokio::time::Instant::now() + linger;
         while queued.len() < WRITE_BATCH
             && !linger.is_zero()
@@ -211,40 +244,51 @@ async fn write_behind(
                 Write::Flush(done) => flushes.push(done),
             }
         }
-        write_batch(&*l2, &stats, &health, batch).await;
+        if write_batch(&*l2, &w.stats, &w.health, &batch).await
+            && let Some(filter) = w.filter.get()
+        {
+            for (key, _) in &batch {
+                filter.record(key, false);
+            }
+        }
         for done in flushes {
             let _ = done.send(());
         }
     }
 }
 
+/// Writes `batch` (tried twice); whether it was written.
 async fn write_batch(
     l2: &dyn CacheStore,
     stats: &TierStats,
     health: &L2Health,
-    batch: Vec<(CacheKey, Arc<Entry>)>,
-) {
+    batch: &[(CacheKey, Arc<Entry>)],
+) -> bool {
     let n = batch.len() as u64;
     if n == 0 {
-        return;
+        return false;
     }
     if health.is_down() {
         stats.l2_skipped.fetch_add(n, Ordering::Relaxed);
-        return;
+        return false;
     }
     // A pooled connection that the database closed (it restarted) fails once and is dropped;
     // the second try gets a fresh one. A database that is really down fails both (in the
     // background: no request waits on this).
-    let mut result = l2.put_many(&batch).await;
+    let mut result = l2.put_many(batch).await;
     if result.is_err() {
-        result = l2.put_many(&batch).await;
+        result = l2.put_many(batch).await;
     }
     match result {
-        Ok(()) => health.succeeded(),
+        Ok(()) => {
+            health.succeeded();
+            true
+        }
         Err(e) => {
             health.failed();
             stats.l2_errors.fetch_add(n, Ordering::Relaxed);
             tracing::warn!(error = %e, entries = n, "L2 cache writes skipped");
+            false
         }
     }
 }
@@ -279,6 +323,12 @@ impl CacheStore for TieredStore {
             self.stats.l2_skipped.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }
+        if let Some(filter) = self.filter.get()
+            && !filter.may_hold(key)
+        {
+            self.stats.l2_filtered.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        }
         match self.l2.get(key).await {
             Ok(Some(e)) => {
                 self.health.succeeded();
@@ -299,6 +349,9 @@ impl CacheStore for TieredStore {
 
     async fn put(&self, key: CacheKey, entry: Arc<Entry>) -> Result<()> {
         self.l1.insert_sync(key, Arc::clone(&entry));
+        if let Some(filter) = self.filter.get() {
+            filter.record(&key, true);
+        }
         if self.writes.send(Write::Put(key, entry)).await.is_err() {
             return Err(CacheError::backend(self.l2.name(), "L2 writer stopped"));
         }

@@ -307,7 +307,32 @@ async fn check_store(store: Arc<dyn CacheStore>) {
     s.flush().await.unwrap();
     let expected: Vec<&Entry> = std::iter::once(&replaced).chain(&batch[1..]).collect();
     assert_holds(s, &expected).await;
+
+    // Listing keys (for an L2 filter), a page at a time, in order: every key once.
+    if let Some(first) = s.keys_after(None, 2).await.unwrap() {
+        let mut listed = first;
+        while let Some(&last) = listed.last() {
+            let page = s
+                .keys_after(Some(last), 2)
+                .await
+                .unwrap()
+                .expect("still listable");
+            if page.is_empty() {
+                break;
+            }
+            assert!(page.len() <= 2, "{name}");
+            listed.extend(page);
+        }
+        let mut keys: Vec<CacheKey> = batch.iter().map(key).collect();
+        keys.sort_by_key(|k| k.to_hex());
+        assert_eq!(listed, keys, "{name}");
+    }
     assert_eq!(s.purge(&PurgeFilter::default()).await.unwrap(), 5, "{name}");
+    assert_eq!(
+        s.keys_after(None, 10).await.unwrap().unwrap_or_default(),
+        [],
+        "{name}"
+    );
 }
 
 /// Many writers at once (pool contention; SQLite's single writer).
@@ -341,6 +366,9 @@ async fn memory_store_meets_the_contract() {
 
 #[cfg(feature = "sqlite")]
 mod sqlite {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
     use cache_core::{CacheError, SqliteStore, TieredStore};
     use diesel::{Connection, RunQueryDsl, SqliteConnection};
 
@@ -371,6 +399,51 @@ mod sqlite {
         check_store(tiered.clone()).await;
         check_concurrent_writes(tiered).await;
         assert_eq!(l2.usage().await.unwrap().entries, 0, "L2 purged too");
+    }
+
+    #[tokio::test]
+    async fn the_l2_filter_spares_lookups_for_keys_never_stored() {
+        let (_dir, url) = sqlite_temp_db();
+        let l2: Arc<dyn CacheStore> = Arc::new(SqliteStore::connect(&url, 2).unwrap());
+        // Stored by an earlier process.
+        let before = full_entry("GET rentcast /before-restart");
+        put(&*l2, before.clone()).await;
+
+        let tiers = TieredStore::new(memory_store(), Arc::clone(&l2), 16).with_l2_filter();
+        for _ in 0..500 {
+            if tiers.l2_filter_ready() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(tiers.l2_filter_ready(), "built within 5 s");
+        let counted = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::SeqCst);
+
+        // What L2 held before the filter was built is found through it.
+        let got = tiers.get(&key(&before)).await.unwrap();
+        assert_eq!(got.as_deref(), Some(&before));
+        // A key never stored: L2 is not asked.
+        assert!(
+            tiers
+                .get(&CacheKey::of("never stored"))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(counted(&tiers.stats().l2_filtered), 1);
+
+        // Stored through the tiers now: recorded, so once L1 has let it go, L2 is asked.
+        let after = full_entry("GET rentcast /after-the-scan");
+        tiers
+            .put(key(&after), Arc::new(after.clone()))
+            .await
+            .unwrap();
+        tiers.flush().await.unwrap();
+        assert!(tiers.l1().remove(&key(&after)).await.unwrap());
+        let got = tiers.get(&key(&after)).await.unwrap();
+        assert_eq!(got.as_deref(), Some(&after));
+        assert_eq!(counted(&tiers.stats().l2_filtered), 1);
+        assert_eq!(counted(&tiers.stats().l2_hits), 2);
     }
 
     #[tokio::test]

@@ -337,6 +337,33 @@ macro_rules! impl_sql_cache_store {
                     bytes: u64::try_from(bytes).unwrap_or(0),
                 })
             }
+
+            /// A page of the primary key's index, in order.
+            async fn keys_after(
+                &self,
+                after: Option<$crate::key::CacheKey>,
+                limit: usize,
+            ) -> $crate::error::Result<Option<Vec<$crate::key::CacheKey>>> {
+                use diesel::prelude::*;
+                use diesel_async::RunQueryDsl;
+                use $crate::sql::schema::cache_entries;
+
+                let mut conn = self.conn().await?;
+                // "" sorts before every key.
+                let after = after.map(|k| k.to_hex()).unwrap_or_default();
+                let keys: Vec<String> = cache_entries::table
+                    .select(cache_entries::key)
+                    .filter(cache_entries::key.gt(after))
+                    .order(cache_entries::key.asc())
+                    .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+                    .load(&mut conn)
+                    .await
+                    .map_err(|e| self.query_failed(e))?;
+                keys.iter()
+                    .map(|k| $crate::key::CacheKey::from_hex(k))
+                    .collect::<$crate::error::Result<Vec<_>>>()
+                    .map(Some)
+            }
         }
     };
 }
