@@ -222,7 +222,7 @@ mod tests {
         let passed = (0..100_000)
             .filter(|i| bloom.contains(&CacheKey::of(&format!("never {i}"))))
             .count();
-        // Expected about 1 in 500,000 at this load.
+        // Expected about 1 in 3,000,000 at this load (4 probes, 2^24 bits).
         assert!(passed < 10, "{passed} false positives in 100,000");
     }
 

@@ -147,7 +147,8 @@ impl TieredStore {
     /// ([`keys_after`](CacheStore::keys_after)) in the background; until that is done, and for
     /// an L2 that cannot list them, every miss asks L2 as before. Every key this store writes
     /// is recorded; keys removed from L2 stay in the filter (a lookup more, never a wrong
-    /// answer) until it is rebuilt, after 2,000,000 recorded writes.
+    /// answer) until it is rebuilt, after 2,000,000 recorded writes. Must be called inside a
+    /// tokio runtime (it spawns the scan).
     pub fn with_l2_filter(self) -> Self {
         let _ = self.filter.set(L2Filter::spawn(Arc::clone(&self.l2)));
         self
@@ -221,10 +222,10 @@ fn micros(d: Duration) -> u64 {
 /// [`WRITE_BATCH`] writes; not when a flush is queued), and stores it with one
 /// [`put_many`](CacheStore::put_many); a flush request is answered once every write queued
 /// before it has been tried. Ends, after writing what it took, when the store is dropped.
-async fn write_behind(mut rx: mpsc::Receiver<Write>, l2: Arc<dyn CacheStore>, w: Writer) {
+async fn write_behind(mut rx: mpsc::Receiver<Write>, l2: Arc<dyn CacheStore>, writer: Writer) {
     let mut queued = Vec::with_capacity(WRITE_BATCH);
     while rx.recv_many(&mut queued, WRITE_BATCH).await > 0 {
-        let linger = Duration::from_micros(w.linger_us.load(Ordering::Relaxed));
+        let linger = Duration::from_micros(writer.linger_us.load(Ordering::Relaxed));
         let deadline = tokio::time::Instant::now() + linger;
         while queued.len() < WRITE_BATCH
             && !linger.is_zero()
@@ -244,8 +245,8 @@ async fn write_behind(mut rx: mpsc::Receiver<Write>, l2: Arc<dyn CacheStore>, w:
                 Write::Flush(done) => flushes.push(done),
             }
         }
-        if write_batch(&*l2, &w.stats, &w.health, &batch).await
-            && let Some(filter) = w.filter.get()
+        if write_batch(&*l2, &writer.stats, &writer.health, &batch).await
+            && let Some(filter) = writer.filter.get()
         {
             for (key, _) in &batch {
                 filter.record(key, false);
