@@ -31,6 +31,9 @@ pub struct Limits {
     per_ip: Option<Limit>,
     per_client: Option<Limit>,
     count_cache_hits: bool,
+    /// The Redis-backed limiter and quota store, when both are: a key's rate limit and its
+    /// quotas are then checked in one round trip.
+    redis: Option<(ratelimit::RedisLimiter, ratelimit::RedisQuotaStore)>,
 }
 
 /// What the limits decided for one request, before the cache.
@@ -81,6 +84,58 @@ impl Headers {
     }
 }
 
+/// A rate limit's decision as the answer's headers, or the 429.
+fn rate_outcome(d: &Decision, limit: &Limit, what: &str) -> Result<Headers, ApiError> {
+    let headers = Headers {
+        limit: u64::from(d.limit),
+        remaining: u64::from(d.remaining),
+        reset_secs: ceil_secs(d.reset_after),
+    };
+    if d.allowed {
+        Ok(headers)
+    } else {
+        let mut e = ApiError::rate_limited(
+            format!("{what} rate limit of {limit} exceeded"),
+            d.retry_after.unwrap_or(d.reset_after),
+        );
+        e.rate_headers = Some(headers);
+        Err(e)
+    }
+}
+
+/// A request quota's state as the answer's headers (`used` after counting this request), or
+/// the 429 when it is used up (`None`).
+fn quota_outcome(
+    window: Window,
+    quota: u64,
+    used: Option<u64>,
+    now: i64,
+) -> Result<Headers, ApiError> {
+    let reset = Duration::from_millis(
+        u64::try_from(window.window_end(now).saturating_sub(now)).unwrap_or(0),
+    );
+    let Some(used) = used else {
+        let mut e = ApiError::quota_exceeded(
+            format!(
+                "the {} request quota of {quota} is used up",
+                window.as_str()
+            ),
+            Some(reset),
+        );
+        e.rate_headers = Some(Headers {
+            limit: quota,
+            remaining: 0,
+            reset_secs: ceil_secs(reset),
+        });
+        return Err(e);
+    };
+    Ok(Headers {
+        limit: quota,
+        remaining: quota.saturating_sub(used),
+        reset_secs: ceil_secs(reset),
+    })
+}
+
 fn limit_of(rate: &Rate) -> Limit {
     Limit::new(rate.count, rate.per)
 }
@@ -102,7 +157,19 @@ impl Limits {
             per_ip: config.limits.per_ip.as_ref().map(limit_of),
             per_client: config.limits.per_client.as_ref().map(limit_of),
             count_cache_hits: config.auth.count_cache_hits,
+            redis: None,
         }
+    }
+
+    /// Checks a key's rate limit and request quotas in one Redis round trip when it can
+    /// (`limiter` and `quotas` must be what `self.limiter` and `self.quotas` are built on).
+    pub fn with_redis(
+        mut self,
+        limiter: ratelimit::RedisLimiter,
+        quotas: ratelimit::RedisQuotaStore,
+    ) -> Self {
+        self.redis = Some((limiter, quotas));
+        self
     }
 
     /// One rate-limit check; `Ok(headers)` when allowed.
@@ -126,21 +193,7 @@ impl Limits {
                 });
             }
         };
-        let headers = Headers {
-            limit: u64::from(d.limit),
-            remaining: u64::from(d.remaining),
-            reset_secs: ceil_secs(d.reset_after),
-        };
-        if d.allowed {
-            Ok(headers)
-        } else {
-            let mut e = ApiError::rate_limited(
-                format!("{what} rate limit of {limit} exceeded"),
-                d.retry_after.unwrap_or(d.reset_after),
-            );
-            e.rate_headers = Some(headers);
-            Err(e)
-        }
+        rate_outcome(&d, limit, what)
     }
 
     /// The per-IP ingress limit, before authentication.
@@ -186,7 +239,66 @@ impl Limits {
         } else {
             String::new()
         };
-        if let Some(limit) = own {
+        // A key's request quotas (none, and no clock read, for an anonymous client).
+        let (now, quotas) = match key {
+            None => (0, [(Window::Day, None), (Window::Month, None)]),
+            Some(k) => (
+                crate::keys::now_millis(),
+                [
+                    (Window::Day, k.daily_quota),
+                    (Window::Month, k.monthly_quota),
+                ],
+            ),
+        };
+        let quotas = quotas.iter().filter_map(|&(w, q)| Some((w, q?)));
+        let has_quotas = quotas.clone().next().is_some();
+        let qsubject = if has_quotas {
+            format!("req:{subject}")
+        } else {
+            String::new()
+        };
+        // The client's own rate limit and the key's quotas in one Redis round trip, when both
+        // are in Redis and nothing else is checked in between (a route limit) or after the
+        // answer (hits not counted).
+        let one_call = self
+            .redis
+            .as_ref()
+            .filter(|_| route.rate_limit.is_none() && self.count_cache_hits && has_quotas);
+        let mut counted = false;
+        if let (Some((limiter, store)), Some(limit)) = (one_call, own) {
+            let charges: Vec<ratelimit::QuotaCharge<'_>> = quotas
+                .clone()
+                .map(|(window, limit)| ratelimit::QuotaCharge {
+                    subject: &qsubject,
+                    window,
+                    amount: 1,
+                    limit,
+                })
+                .collect();
+            match store
+                .consume_rate_limited(limiter, &subject, &limit, 1, &charges, now)
+                .await
+            {
+                Ok(Some(r)) => {
+                    let h = rate_outcome(&r.rate, &limit, "client")?;
+                    tightest = Some(h.tighter(tightest));
+                    for ((window, quota), d) in quotas.clone().zip(&r.quotas) {
+                        let used = d.allowed.then_some(d.used);
+                        let h = quota_outcome(window, quota, used, now)?;
+                        tightest = Some(h.tighter(tightest));
+                    }
+                    counted = true;
+                }
+                // A counter to seed from SQL first, or Redis failed: one by one below, where
+                // the failure policies apply (a Redis that is down fails those at once: its
+                // breaker counted this failure too).
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, request_id, "combined limit check failed");
+                }
+            }
+        }
+        if let (Some(limit), false) = (own, counted) {
             let h = self.check(&subject, &limit, "client", request_id).await?;
             tightest = Some(h.tighter(tightest));
         }
@@ -200,16 +312,7 @@ impl Limits {
             admission.tightest = tightest;
             return Ok(admission);
         };
-        let now = crate::keys::now_millis();
-        for (window, quota) in [
-            (Window::Day, key.daily_quota),
-            (Window::Month, key.monthly_quota),
-        ] {
-            let Some(quota) = quota else { continue };
-            let reset = Duration::from_millis(
-                u64::try_from(window.window_end(now).saturating_sub(now)).unwrap_or(0),
-            );
-            let qsubject = format!("req:{subject}");
+        for (window, quota) in quotas.filter(|_| !counted) {
             let used = if self.count_cache_hits {
                 match self.quotas.consume(&qsubject, window, 1, quota, now).await {
                     Ok(d) if !d.allowed => None,
@@ -232,26 +335,7 @@ impl Limits {
                     }
                 }
             };
-            let Some(used) = used else {
-                let mut e = ApiError::quota_exceeded(
-                    format!(
-                        "the {} request quota of {quota} is used up",
-                        window.as_str()
-                    ),
-                    Some(reset),
-                );
-                e.rate_headers = Some(Headers {
-                    limit: quota,
-                    remaining: 0,
-                    reset_secs: ceil_secs(reset),
-                });
-                return Err(e);
-            };
-            let h = Headers {
-                limit: quota,
-                remaining: quota.saturating_sub(used),
-                reset_secs: ceil_secs(reset),
-            };
+            let h = quota_outcome(window, quota, used, now)?;
             tightest = Some(h.tighter(tightest));
         }
         for (window, budget) in [

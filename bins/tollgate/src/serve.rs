@@ -198,22 +198,17 @@ fn build_limits(cfg: &Config) -> anyhow::Result<LimitParts> {
         crate::config::RedisFailure::Open => FailurePolicy::FailOpen,
         crate::config::RedisFailure::Closed => FailurePolicy::FailClosed,
     };
+    let redis_limiter = RedisLimiter::new(backend.clone());
     let limiter: Arc<dyn RateLimiter> = Arc::new(FallbackLimiter::new(
-        RedisLimiter::new(backend.clone()),
+        redis_limiter.clone(),
         local,
         cfg.limits.nodes,
         policy,
     ));
-    let quotas = Arc::new(RedisQuotaStore::new(
-        backend.clone(),
-        quota_db,
-        RedisQuotaOptions::default(),
-    ));
-    Ok((
-        Arc::new(Limits::new(limiter, quotas, cfg)),
-        Some(backend),
-        tasks,
-    ))
+    let quotas = RedisQuotaStore::new(backend.clone(), quota_db, RedisQuotaOptions::default());
+    let limits =
+        Limits::new(limiter, Arc::new(quotas.clone()), cfg).with_redis(redis_limiter, quotas);
+    Ok((Arc::new(limits), Some(backend), tasks))
 }
 
 /// Probes the database and Redis every second (each answer awaited at most a second): sets

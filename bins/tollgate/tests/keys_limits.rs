@@ -193,6 +193,32 @@ fn wrong_key(key: &str) -> String {
     String::from_utf8(bytes).expect("ASCII")
 }
 
+/// A directory for one SQLite file (WAL) that several gateways share, as one Postgres would
+/// be, and `tables` followed by the `[storage]` table pointing at it and at `redis_url`.
+fn shared_storage(tables: &str, redis_url: &str) -> (tempfile::TempDir, String) {
+    let shared = tempfile::Builder::new()
+        .prefix("tollgate-e2e-shared-")
+        .tempdir()
+        .expect("a temporary directory");
+    let all = format!(
+        "{tables}\n[storage]\ndatabase_url = \"sqlite://{}/shared.db\"\nredis_url = \"{redis_url}\"\n",
+        shared.path().display()
+    );
+    (shared, all)
+}
+
+/// A 200 whose `RateLimit-Limit` / `-Remaining` are `limit` / `remaining`.
+fn assert_limit_headers(r: &Resp, limit: u64, remaining: u64) {
+    assert_ok(r);
+    assert_eq!(num_header(r, "ratelimit-limit"), limit, "{:?}", r.headers);
+    assert_eq!(
+        num_header(r, "ratelimit-remaining"),
+        remaining,
+        "{:?}",
+        r.headers
+    );
+}
+
 /// `TOLLGATE_TEST_REDIS_URL`; `None` (after printing why) when unset outside CI.
 fn test_redis_url(test: &str) -> Option<String> {
     match std::env::var("TOLLGATE_TEST_REDIS_URL") {
@@ -376,14 +402,7 @@ async fn key_and_route_rate_limits_count_down_then_429_with_retry_after() {
         let r = gw
             .get_bearer(&format!("/demo/limited/{i}"), &other.key)
             .await;
-        assert_ok(&r);
-        assert_eq!(num_header(&r, "ratelimit-limit"), 2, "{:?}", r.headers);
-        assert_eq!(
-            num_header(&r, "ratelimit-remaining"),
-            expect_remaining,
-            "{:?}",
-            r.headers
-        );
+        assert_limit_headers(&r, 2, expect_remaining);
     }
     let r = gw.get_bearer("/demo/limited/0", &other.key).await;
     let retry_after = assert_429(&r, "rate_limited");
@@ -840,16 +859,12 @@ async fn redis_shared_limit_is_exact_across_four_gateways() {
     const LIMIT: usize = 50;
     const BURST: usize = 200;
     let mock = mock().await;
-    // One SQLite file (WAL) shared by the four processes, as one Postgres would be.
-    let shared = tempfile::Builder::new()
-        .prefix("tollgate-e2e-shared-")
-        .tempdir()
-        .expect("a temporary directory");
-    let tables = format!(
-        "[auth]\nrequired = false\n\n[limits]\nper_client = \"{LIMIT}/min\"\nnodes = 4\n\
-         redis_timeout = \"500ms\"\n\n[storage]\ndatabase_url = \"sqlite://{}/shared.db\"\n\
-         redis_url = \"{redis_url}\"\n",
-        shared.path().display()
+    let (_shared, tables) = shared_storage(
+        &format!(
+            "[auth]\nrequired = false\n\n[limits]\nper_client = \"{LIMIT}/min\"\nnodes = 4\n\
+             redis_timeout = \"500ms\"\n"
+        ),
+        &redis_url,
     );
     let cfg = config(&mock.url(), &tables, "", &[items_route("")]);
     // One after the other: each applies the migrations on start.
@@ -935,6 +950,49 @@ async fn redis_shared_limit_is_exact_across_four_gateways() {
         )
         .await;
         assert_429(&r, "rate_limited");
+    }
+}
+
+/// A key's rate limit and daily quota in Redis, counted by two gateways: the first request
+/// seeds the quota counter (one call each), the next ones check both in one round trip; the
+/// answers are those of the two checks one after the other.
+#[tokio::test]
+async fn redis_rate_limit_and_quota_of_a_key_hold_across_two_gateways() {
+    let Some(redis_url) =
+        test_redis_url("redis_rate_limit_and_quota_of_a_key_hold_across_two_gateways")
+    else {
+        return;
+    };
+    let mock = mock().await;
+    let (_shared, tables) = shared_storage("[auth]\nrequired = true\n", &redis_url);
+    let cfg = config(&mock.url(), &tables, "", &[items_route("")]);
+    let gateways = [Gateway::start(&cfg).await, Gateway::start(&cfg).await];
+    let key = create_key_cli(
+        &gateways[0],
+        "both",
+        &["--rate-limit", "5/min", "--daily-limit", "3"],
+    )
+    .await;
+    // The daily quota (3) is the tighter limit: its headers, counted down across both nodes.
+    for (i, remaining) in [2, 1, 0].into_iter().enumerate() {
+        let r = gateways[i % 2]
+            .get_bearer("/demo/items/both", &key.key)
+            .await;
+        assert_limit_headers(&r, 3, remaining);
+    }
+    // Refused by the quota, still counted by the rate limit (checked first)…
+    for gw in &gateways {
+        assert_429(
+            &gw.get_bearer("/demo/items/both", &key.key).await,
+            "quota_exceeded",
+        );
+    }
+    // … whose 5 are now spent, on both nodes.
+    for gw in &gateways {
+        assert_429(
+            &gw.get_bearer("/demo/items/both", &key.key).await,
+            "rate_limited",
+        );
     }
 }
 

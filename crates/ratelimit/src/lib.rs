@@ -90,9 +90,9 @@ pub use fallback::{FailurePolicy, FallbackLimiter};
 pub use limiter::{Decision, Limit, RateLimiter};
 pub use local::{LocalClock, LocalLimiter};
 pub use quota::{MAX_AMOUNT, MemoryQuotaStore, QuotaDecision, QuotaStore, Window};
+#[cfg(all(feature = "redis", any(feature = "sqlite", feature = "postgres")))]
+pub use quota::{QuotaCharge, RateLimitedConsume, RedisQuotaOptions, RedisQuotaStore};
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use quota::{QuotaDb, SqlQuotaStore};
-#[cfg(all(feature = "redis", any(feature = "sqlite", feature = "postgres")))]
-pub use quota::{RedisQuotaOptions, RedisQuotaStore};
 #[cfg(feature = "redis")]
 pub use redis::{RedisLimiter, TimeSource};

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_redis::redis::Script;
+use deadpool_redis::redis::{Script, ScriptInvocation};
 
 use crate::backend::RedisBackend;
 use crate::clock::Clock;
@@ -18,7 +18,7 @@ use crate::limiter::{Decision, Limit, RateLimiter, validate};
 /// KEYS[1]: the bucket, holding its TAT. ARGV: emission interval, burst, cost, and `now` or
 /// `''` for the server's own clock (`TIME`), so node clocks never matter.
 /// Returns `{allowed, TAT − now after the decision, retry_after (0 when allowed)}`.
-const GCRA_LUA: &str = r"
+pub(crate) const GCRA_LUA: &str = r"
 local t = tonumber(ARGV[1])
 local count = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
@@ -141,23 +141,49 @@ impl RateLimiter for RedisLimiter {
     }
 
     async fn check(&self, key: &str, limit: &Limit, cost: u32) -> Result<Decision> {
-        if validate(limit, cost)?.is_none() {
+        let Some(gcra) = self.gcra_for(limit, cost)? else {
             return Ok(Decision::over_capacity(limit));
+        };
+        let mut invocation = self.script.prepare_invoke();
+        self.push_gcra(&mut invocation, &gcra, key, limit, cost);
+        let (allowed, backlog, retry): (i64, i64, i64) = self.backend.invoke(&invocation).await?;
+        Ok(gcra_decision(&gcra, allowed, backlog, retry))
+    }
+}
+
+impl RedisLimiter {
+    /// The GCRA of `limit`, or `None` when `cost` can never fit it (nothing to ask Redis).
+    pub(crate) fn gcra_for(&self, limit: &Limit, cost: u32) -> Result<Option<Gcra>> {
+        if validate(limit, cost)?.is_none() {
+            return Ok(None);
         }
-        let gcra = Gcra::new(limit)?;
+        Gcra::new(limit).map(Some)
+    }
+
+    /// Adds one check's key and arguments ([`GCRA_LUA`]'s KEYS[1] and ARGV[1..4]).
+    pub(crate) fn push_gcra(
+        &self,
+        invocation: &mut ScriptInvocation<'_>,
+        gcra: &Gcra,
+        key: &str,
+        limit: &Limit,
+        cost: u32,
+    ) {
         let now = match &self.time {
             TimeSource::RedisServer => String::new(),
             TimeSource::Clock(clock) => clock.now_micros().to_string(),
         };
-        let mut invocation = self.script.prepare_invoke();
         invocation
             .key(self.key_for(key, limit, gcra.t()))
             .arg(u64::try_from(gcra.t().as_micros()).unwrap_or(u64::MAX))
             .arg(limit.count)
             .arg(cost)
             .arg(now);
-        let (allowed, backlog, retry): (i64, i64, i64) = self.backend.invoke(&invocation).await?;
-        let micros = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
-        Ok(gcra.decision(allowed == 1, micros(backlog), Some(micros(retry))))
     }
+}
+
+/// The decision [`GCRA_LUA`]'s `{allowed, backlog, retry}` (µs) stand for.
+pub(crate) fn gcra_decision(gcra: &Gcra, allowed: i64, backlog: i64, retry: i64) -> Decision {
+    let micros = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
+    gcra.decision(allowed == 1, micros(backlog), Some(micros(retry)))
 }

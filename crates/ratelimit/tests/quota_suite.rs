@@ -490,6 +490,65 @@ mod redis {
             );
         }
 
+        /// The key's rate limit and its quotas in one call: counted as the two calls one by
+        /// one would, nothing done while a counter still needs its seed from SQL.
+        #[tokio::test]
+        async fn rate_limit_and_quotas_in_one_call() {
+            use ratelimit::{Limit, QuotaCharge, RateLimiter, RedisLimiter};
+            let Some(redis_url) = redis_url_or_skip("redis rate limit + quotas in one call") else {
+                return;
+            };
+            let (_dir, url) = sqlite_temp_db();
+            let db = QuotaDb::sqlite(&url, 2).unwrap();
+            let prefix = random_prefix();
+            let store = store(&redis_url, &db, &prefix);
+            let limiter =
+                RedisLimiter::new(store.redis().clone()).with_prefix(format!("{prefix}rl:"));
+            let now = NOV_23 + HOUR;
+            let limit = Limit::new(2, std::time::Duration::from_secs(60));
+            let charge = |window, limit| QuotaCharge {
+                subject: "k",
+                window,
+                amount: 1,
+                limit,
+            };
+            let quotas = [charge(Window::Day, 2), charge(Window::Month, 100)];
+            let both = || store.consume_rate_limited(&limiter, "k", &limit, 1, &quotas, now);
+
+            // Counters not in Redis yet: nothing is done (a plain consume seeds them).
+            assert!(both().await.unwrap().is_none());
+            consume(&store, "k", Window::Day, 1, 2, now).await;
+            consume(&store, "k", Window::Month, 1, 100, now).await;
+
+            // One call: the rate limit charged, both quotas counted.
+            let r = both().await.unwrap().expect("counters in Redis");
+            assert!(r.rate.allowed);
+            assert_eq!(r.rate.remaining, 1);
+            let counted: Vec<(bool, u64)> = r.quotas.iter().map(|q| (q.allowed, q.used)).collect();
+            assert_eq!(counted, [(true, 2), (true, 2)]);
+
+            // The daily quota is used up: refused there, the monthly one not tried.
+            let r = both().await.unwrap().unwrap();
+            assert!(r.rate.allowed);
+            let counted: Vec<(bool, u64)> = r.quotas.iter().map(|q| (q.allowed, q.used)).collect();
+            assert_eq!(counted, [(false, 2)]);
+            assert_eq!(usage(&store, "k", Window::Month, now).await, 2);
+
+            // The rate limit's 2 are spent: refused, no quota touched.
+            let r = both().await.unwrap().unwrap();
+            assert!(!r.rate.allowed);
+            assert!(r.quotas.is_empty());
+            assert!(
+                !limiter.check("k", &limit, 1).await.unwrap().allowed,
+                "same bucket"
+            );
+
+            // Synced to SQL like any other count.
+            store.flush().await.unwrap();
+            assert_eq!(db.stored_usage("k", Window::Day, now).await.unwrap(), 2);
+            assert_eq!(db.stored_usage("k", Window::Month, now).await.unwrap(), 2);
+        }
+
         #[tokio::test]
         async fn redis_sqlite_restart() {
             let Some(redis_url) = redis_url_or_skip("redis+sqlite quota restart") else {

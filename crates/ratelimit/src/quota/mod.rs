@@ -26,7 +26,7 @@ mod window;
 
 pub use memory::MemoryQuotaStore;
 #[cfg(all(feature = "redis", any(feature = "sqlite", feature = "postgres")))]
-pub use redis::{RedisQuotaOptions, RedisQuotaStore};
+pub use redis::{QuotaCharge, RateLimitedConsume, RedisQuotaOptions, RedisQuotaStore};
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use sql::{QuotaDb, SqlQuotaStore};
 pub use window::Window;

@@ -12,6 +12,8 @@ use super::{CounterKey, QuotaDecision, QuotaStore, Window};
 use crate::backend::RedisBackend;
 use crate::clock::UnixMillis;
 use crate::error::{RateLimitError, Result};
+use crate::limiter::{Decision, Limit};
+use crate::redis::{GCRA_LUA, RedisLimiter, gcra_decision};
 
 /// The largest integer Lua's numbers (doubles) hold exactly: limits are capped to it.
 const MAX_EXACT: u64 = super::MAX_AMOUNT;
@@ -67,6 +69,59 @@ for _, m in ipairs(members) do
 end
 return {#members, names, deltas}
 ";
+
+/// A key's rate limit and its quota counters in one round trip: [`GCRA_LUA`] on KEYS[1] with
+/// ARGV[1..4]; if it allows, [`CONSUME_LUA`] on each of the ARGV[5] counters (KEYS[1 + i], the
+/// dirty set last; five arguments each), stopping at the first that does not fit. Nothing is
+/// done when a counter is missing (it needs its SQL seed first): `{-1}`. Otherwise the GCRA's
+/// `{allowed, backlog, retry}` followed by each counter's `{status, used}`.
+fn rate_limited_consume_lua() -> String {
+    format!(
+        "local function gcra(KEYS, ARGV)\n{GCRA_LUA}\nend\n\
+         local function consume(KEYS, ARGV)\n{CONSUME_LUA}\nend\n{}",
+        r"
+local n = tonumber(ARGV[5])
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[1 + i]) == 0 then return {-1} end
+end
+local r = gcra({KEYS[1]}, {ARGV[1], ARGV[2], ARGV[3], ARGV[4]})
+local out = {r[1], r[2], r[3]}
+if r[1] ~= 1 then return out end
+for i = 1, n do
+  local b = 5 + (i - 1) * 5
+  local q = consume({KEYS[1 + i], KEYS[2 + n]},
+    {ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5]})
+  out[#out + 1] = q[1]
+  out[#out + 1] = q[2]
+  if q[1] ~= 1 then return out end
+end
+return out
+"
+    )
+}
+
+/// One quota counter for [`RedisQuotaStore::consume_rate_limited`].
+#[derive(Debug, Clone, Copy)]
+pub struct QuotaCharge<'a> {
+    /// Whose counter (as in [`QuotaStore::consume`]).
+    pub subject: &'a str,
+    /// Its window.
+    pub window: Window,
+    /// How much to add.
+    pub amount: u64,
+    /// The limit it must stay within.
+    pub limit: u64,
+}
+
+/// What [`RedisQuotaStore::consume_rate_limited`] decided.
+#[derive(Debug, Clone)]
+pub struct RateLimitedConsume {
+    /// The rate limit's decision. When it refused, no quota was counted.
+    pub rate: Decision,
+    /// One decision per quota tried, in order; the quotas after one that did not fit were not
+    /// tried (so a refusal is the last one).
+    pub quotas: Vec<QuotaDecision>,
+}
 
 /// Settings of a [`RedisQuotaStore`]. `#[non_exhaustive]`: start from
 /// [`RedisQuotaOptions::default`] and set fields.
@@ -127,6 +182,7 @@ struct Inner {
     dirty_key: String,
     counter_prefix: String,
     consume: Script,
+    rate_limited_consume: Script,
     claim: Script,
     /// Deltas claimed from Redis whose SQL write has not succeeded yet.
     unwritten: tokio::sync::Mutex<HashMap<CounterKey, u64>>,
@@ -152,6 +208,7 @@ impl RedisQuotaStore {
             redis,
             db,
             consume: Script::new(CONSUME_LUA),
+            rate_limited_consume: Script::new(&rate_limited_consume_lua()),
             claim: Script::new(CLAIM_LUA),
             unwritten: tokio::sync::Mutex::new(HashMap::new()),
             options,
@@ -176,6 +233,69 @@ impl RedisQuotaStore {
     /// The Redis backend.
     pub fn redis(&self) -> &RedisBackend {
         &self.inner.redis
+    }
+
+    /// `limiter.check(key, limit, cost)` and, if it allows, [`consume`](QuotaStore::consume)
+    /// of each of `quotas` in turn (stopping at the first that does not fit), in **one round
+    /// trip**: one atomic script, where the two calls are two. `limiter` must use this store's
+    /// Redis.
+    ///
+    /// `Ok(None)`: nothing was done, make the calls one by one. That is the case when a
+    /// counter is not in Redis yet (a new window, or Redis lost it: `consume` seeds it from
+    /// SQL), and when `cost` can never fit `limit`.
+    pub async fn consume_rate_limited(
+        &self,
+        limiter: &RedisLimiter,
+        key: &str,
+        limit: &Limit,
+        cost: u32,
+        quotas: &[QuotaCharge<'_>],
+        now: UnixMillis,
+    ) -> Result<Option<RateLimitedConsume>> {
+        let inner = &*self.inner;
+        let Some(gcra) = limiter.gcra_for(limit, cost)? else {
+            return Ok(None);
+        };
+        let counters: Vec<(CounterKey, String)> = quotas
+            .iter()
+            .map(|q| {
+                let key = CounterKey::new(q.subject, q.window, now);
+                let member = member(&key);
+                (key, member)
+            })
+            .collect();
+        let mut invocation = inner.rate_limited_consume.prepare_invoke();
+        limiter.push_gcra(&mut invocation, &gcra, key, limit, cost);
+        invocation.arg(quotas.len());
+        for (q, (counter, member)) in quotas.iter().zip(&counters) {
+            invocation
+                .key(format!("{}{member}", inner.counter_prefix))
+                .arg(q.amount.min(MAX_EXACT + 1))
+                .arg(q.limit.min(MAX_EXACT))
+                .arg(inner.expire_at(counter))
+                .arg("")
+                .arg(member);
+        }
+        invocation.key(&inner.dirty_key);
+        let reply: Vec<i64> = inner.redis.invoke(&invocation).await?;
+        let [allowed, backlog, retry, counted @ ..] = reply.as_slice() else {
+            // `{-1}`: a counter needs seeding.
+            return Ok(None);
+        };
+        let decisions = counted
+            .chunks_exact(2)
+            .zip(quotas.iter().zip(&counters))
+            .map(|(pair, (q, (counter, _)))| QuotaDecision {
+                allowed: pair[0] == 1,
+                used: u64::try_from(pair[1]).unwrap_or(0),
+                limit: q.limit,
+                reset_at: counter.end(),
+            })
+            .collect();
+        Ok(Some(RateLimitedConsume {
+            rate: gcra_decision(&gcra, *allowed, *backlog, *retry),
+            quotas: decisions,
+        }))
     }
 }
 
@@ -210,6 +330,12 @@ fn parse_member(member: &str) -> Option<CounterKey> {
 }
 
 impl Inner {
+    /// When a counter leaves Redis: its window's end plus the grace.
+    fn expire_at(&self, key: &CounterKey) -> UnixMillis {
+        let grace = i64::try_from(self.options.expire_grace.as_millis()).unwrap_or(i64::MAX);
+        key.end().saturating_add(grace)
+    }
+
     async fn sync(&self) -> Result<()> {
         let mut unwritten = self.unwritten.lock().await;
         let mut claim_error = None;
@@ -285,8 +411,7 @@ impl QuotaStore for RedisQuotaStore {
         let key = CounterKey::new(subject, window, now);
         let member = member(&key);
         let counter = format!("{}{member}", inner.counter_prefix);
-        let grace = i64::try_from(inner.options.expire_grace.as_millis()).unwrap_or(i64::MAX);
-        let expire_at = key.end().saturating_add(grace);
+        let expire_at = inner.expire_at(&key);
         let mut seed = String::new();
         for _ in 0..2 {
             let mut invocation = inner.consume.prepare_invoke();
