@@ -96,18 +96,19 @@ impl L2Filter {
 
     /// Whether L2 may hold `key`: false only when the filter is built and rules it out.
     pub(crate) fn may_hold(&self, key: &CacheKey) -> bool {
-        read(&self.current).is_none_or(|b| b.contains(key))
+        read(&self.current, |b| b.is_none_or(|b| b.contains(key)))
     }
 
     /// Records a key about to be written to L2 (`put`), or just written (`!put`: the writer
     /// records it again after its commit, for a scan that started between the two and had
     /// already passed the key's place). Only `put`s count towards a rebuild.
     pub(crate) fn record(&self, key: &CacheKey, put: bool) {
-        if let Some(b) = read(&self.current) {
-            b.insert(key);
-        }
-        if let Some(b) = read(&self.next) {
-            b.insert(key);
+        for filter in [&self.current, &self.next] {
+            read(filter, |b| {
+                if let Some(b) = b {
+                    b.insert(key);
+                }
+            });
         }
         if put
             && self.recorded.fetch_add(1, Ordering::Relaxed) >= REBUILD_AFTER
@@ -119,14 +120,15 @@ impl L2Filter {
 
     /// Whether the first scan has finished.
     pub(crate) fn is_built(&self) -> bool {
-        read(&self.current).is_some()
+        read(&self.current, |b| b.is_some())
     }
 }
 
-fn read(lock: &RwLock<Option<Arc<Bloom>>>) -> Option<Arc<Bloom>> {
+/// `f` of the filter in `lock`, under its read lock (no reference count touched per miss).
+fn read<T>(lock: &RwLock<Option<Arc<Bloom>>>, f: impl FnOnce(Option<&Bloom>) -> T) -> T {
     match lock.read() {
-        Ok(g) => g.clone(),
-        Err(poisoned) => poisoned.into_inner().clone(),
+        Ok(g) => f(g.as_deref()),
+        Err(poisoned) => f(poisoned.into_inner().as_deref()),
     }
 }
 
