@@ -97,7 +97,8 @@ pub struct ProxyRequest<'a, H> {
 
 /// Everything a request needs, shared by all workers.
 pub struct Gateway {
-    pub upstreams: HashMap<String, Arc<UpstreamRuntime>>,
+    /// By name; looked up on every request (foldhash: SipHash cost more than the lookup).
+    pub upstreams: HashMap<String, Arc<UpstreamRuntime>, foldhash::fast::RandomState>,
     pub cache: Cache<FetchError>,
     /// Rate limits (local, or shared through Redis), quotas and budgets.
     pub limits: Arc<crate::limits::Limits>,
@@ -118,7 +119,7 @@ impl Gateway {
         tier_stats: Option<Arc<cache_core::TierStats>>,
         keys: keystore::KeyCache,
     ) -> anyhow::Result<Self> {
-        let mut upstreams = HashMap::new();
+        let mut upstreams = HashMap::default();
         for u in &config.upstreams {
             let rt = build_upstream(&config, u, &metrics)?;
             upstreams.insert(u.name.clone(), Arc::new(rt));
@@ -228,7 +229,9 @@ impl Gateway {
         // by the cache, inherits the span). Not before: a span costs about as much as the
         // rest of a hit's own work.
         let span = tracing::error_span!("request", request_id = %req.request_id);
-        async move {
+        // Boxed: the miss path's state (lookup, coalescing, the fetch) is kilobytes, and a
+        // future holding it inline is copied and zeroed on every request, hits included.
+        Box::pin(async move {
             if let Some(budget_reset) = req.cached_only {
                 return match self.cache.lookup(&cache_req.signature).await {
                     Some(e) if cacheable && e.usable_on_error(self.cache.clock().now_millis()) => {
@@ -282,7 +285,7 @@ impl Gateway {
             }
             Ok(served)
         }
-        .instrument(span)
+        .instrument(span))
         .await
     }
 

@@ -275,8 +275,9 @@ impl Limits {
                     limit,
                 })
                 .collect();
-            match store
-                .consume_rate_limited(limiter, &subject, &limit, 1, &charges, now)
+            // Boxed: the Redis call's state is large, and would otherwise be part of every
+            // request's future (copied and zeroed per request), Redis or not.
+            match Box::pin(store.consume_rate_limited(limiter, &subject, &limit, 1, &charges, now))
                 .await
             {
                 Ok(Some(r)) => {
