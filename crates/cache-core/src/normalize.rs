@@ -102,35 +102,37 @@ impl Normalizer {
                 Some((n, v)) => (decode(n), Some(decode(v))),
                 None => (decode(part), None),
             };
-            if self.config.drop.iter().any(|d| d.as_bytes() == &*name) {
+            if self
+                .config
+                .drop
+                .iter()
+                .any(|d| d.as_bytes() == name.bytes())
+            {
                 continue;
             }
-            let decimals = std::str::from_utf8(&name)
-                .ok()
-                .and_then(|n| self.config.round.get(n));
+            let decimals = name.text().and_then(|n| self.config.round.get(n));
             let value = match (value, decimals) {
                 (Some(v), Some(&decimals)) => Some(
-                    std::str::from_utf8(&v)
-                        .ok()
+                    v.text()
                         .and_then(|s| round_decimal(s, decimals))
-                        .map_or(v, |r| Cow::Owned(r.into_bytes())),
+                        .map_or(v, |r| Component::Decoded(Cow::Owned(r.into_bytes()))),
                 ),
                 (v, _) => v,
             };
             params.push((name, value));
         }
         if self.config.sort {
-            params.sort_by(|a, b| a.0.cmp(&b.0));
+            params.sort_by(|a, b| a.0.bytes().cmp(b.0.bytes()));
         }
         let mut canonical_query = String::with_capacity(query.len());
         for (name, value) in &params {
             if !canonical_query.is_empty() {
                 canonical_query.push('&');
             }
-            canonical_query.extend(percent_encode(name, COMPONENT));
+            name.encode_into(&mut canonical_query);
             if let Some(value) = value {
                 canonical_query.push('=');
-                canonical_query.extend(percent_encode(value, COMPONENT));
+                value.encode_into(&mut canonical_query);
             }
         }
         let mut text = String::with_capacity(
@@ -147,9 +149,9 @@ impl Normalizer {
         } else {
             Cow::Borrowed(method)
         };
-        text.extend(utf8_percent_encode(&method, COMPONENT));
+        push_component(&mut text, &method);
         text.push('\n');
-        text.extend(utf8_percent_encode(upstream, COMPONENT));
+        push_component(&mut text, upstream);
         text.push('\n');
         push_canonical_path(&mut text, path);
         text.push('\n');
@@ -188,23 +190,82 @@ impl Normalizer {
     }
 }
 
-/// Decodes a query name or value to bytes, not text: a lossy decode would turn `%FF` and `%FE`
-/// alike into U+FFFD, and two different requests into one key.
 /// A decoded query parameter: name, and value when there is an `=`.
-type Param<'a> = (Cow<'a, [u8]>, Option<Cow<'a, [u8]>>);
+type Param<'a> = (Component<'a>, Option<Component<'a>>);
 
-fn decode(s: &str) -> Cow<'_, [u8]> {
-    // `+` in a query is a space (form encoding); percent-decoding follows.
-    if s.contains('+') {
-        Cow::Owned(percent_decode_str(&s.replace('+', " ")).collect())
+/// A query name or value, decoded.
+enum Component<'a> {
+    /// Only unreserved characters: decoding leaves it as it is, and so does encoding (the
+    /// common case, which then costs one scan and no copy).
+    Plain(&'a str),
+    /// Decoded to bytes, not text: a lossy decode would turn `%FF` and `%FE` alike into
+    /// U+FFFD, and two different requests into one key.
+    Decoded(Cow<'a, [u8]>),
+}
+
+impl Component<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Component::Plain(s) => s.as_bytes(),
+            Component::Decoded(b) => b,
+        }
+    }
+
+    /// The decoded value as text, when it is UTF-8.
+    fn text(&self) -> Option<&str> {
+        match self {
+            Component::Plain(s) => Some(s),
+            Component::Decoded(b) => std::str::from_utf8(b).ok(),
+        }
+    }
+
+    /// Appends the canonical (percent-encoded) form.
+    fn encode_into(&self, out: &mut String) {
+        match self {
+            Component::Plain(s) => out.push_str(s),
+            Component::Decoded(b) => out.extend(percent_encode(b, COMPONENT)),
+        }
+    }
+}
+
+/// Whether `b` is RFC 3986 unreserved: what [`COMPONENT`] leaves unescaped.
+fn unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn decode(s: &str) -> Component<'_> {
+    if s.bytes().all(unreserved) {
+        Component::Plain(s)
+    } else if s.contains('+') {
+        // `+` in a query is a space (form encoding); percent-decoding follows.
+        Component::Decoded(Cow::Owned(
+            percent_decode_str(&s.replace('+', " ")).collect(),
+        ))
     } else {
-        percent_decode_str(s).into()
+        Component::Decoded(percent_decode_str(s).into())
+    }
+}
+
+/// Appends `s` percent-encoded with [`COMPONENT`].
+fn push_component(out: &mut String, s: &str) {
+    if s.bytes().all(unreserved) {
+        out.push_str(s);
+    } else {
+        out.extend(utf8_percent_encode(s, COMPONENT));
     }
 }
 
 /// Decodes then re-encodes a path so `%7E` and `~` key alike. Segment by segment and as bytes:
 /// `/a%2Fb` is not `/a/b`, and `%FF` is not `%FE`.
 fn push_canonical_path(out: &mut String, path: &str) {
+    // Nothing to decode (no `%`) and nothing [`SEGMENT`] escapes: the path is its own form.
+    if path
+        .bytes()
+        .all(|b| unreserved(b) || b"/:@!$'()*+,;=".contains(&b))
+    {
+        out.push_str(path);
+        return;
+    }
     for (i, segment) in path.split('/').enumerate() {
         if i > 0 {
             out.push('/');
