@@ -1,7 +1,7 @@
 //! The SQLite store.
 
 use diesel::{Connection, QueryResult, SqliteConnection};
-use sql_pool::KeepPrepared;
+use sql_pool::KeepPreparedAs;
 use sql_pool::sqlite::{Object, Pool};
 
 use super::{EntryRow, POOL_TIMEOUT};
@@ -75,12 +75,15 @@ impl SqliteStore {
     /// Writes `rows` in one hand-off to SQLite's thread, several in one transaction (one
     /// commit); each row was a hand-off of its own.
     async fn upsert_rows(conn: &mut Object, rows: Vec<EntryRow>) -> QueryResult<()> {
+        /// Names the upsert in the connection's statement cache: one row, every column, so
+        /// its SQL text never changes.
+        struct UpsertEntry;
         fn upsert(c: &mut SqliteConnection, row: &EntryRow) -> QueryResult<()> {
             use super::schema::cache_entries as t;
             use diesel::RunQueryDsl;
             // `get_result` with `RETURNING`, not `execute`, or it is parsed on every call
-            // (see `KeepPrepared`).
-            KeepPrepared(upsert_statement!(row).returning(t::key))
+            // (see `KeepPrepared`); found by type, so not rendered to SQL on every call either.
+            KeepPreparedAs::<UpsertEntry, _>::new(upsert_statement!(row).returning(t::key))
                 .get_result::<String>(c)
                 .map(|_| ())
         }
