@@ -23,12 +23,6 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 
-/// mimalloc instead of glibc's malloc: a cache miss allocates a lot (request, upstream call,
-/// entry, L2 row), and with mimalloc it took 7% fewer instructions (callgrind), and the
-/// long-tail load less user CPU per request in each of four paired runs. Peak RSS about the same.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "tollgate",
