@@ -135,13 +135,14 @@ impl Gateway {
         })
     }
 
-    /// The upstream and route serving `/{upstream}{path}`, or the client error.
+    /// The upstream and route serving `/{upstream}{path}`, or the client error. Borrowed, not
+    /// cloned: every worker would otherwise bump the same two reference counts per request.
     pub fn resolve(
         &self,
         upstream: &str,
         path: &str,
         method: &str,
-    ) -> Result<(Arc<UpstreamRuntime>, Arc<RouteRuntime>), ApiError> {
+    ) -> Result<(&Arc<UpstreamRuntime>, &Arc<RouteRuntime>), ApiError> {
         let up = self
             .upstreams
             .get(upstream)
@@ -152,7 +153,7 @@ impl Gateway {
         if !route.allows(method) {
             return Err(ApiError::method_not_allowed(&route.methods));
         }
-        Ok((Arc::clone(up), Arc::clone(route)))
+        Ok((up, route))
     }
 
     /// Serves a request on a resolved route. Records the route's metrics.
@@ -211,6 +212,13 @@ impl Gateway {
         let normalized = route
             .normalizer
             .normalize(&up.name, key_method, req.path, req.query, body);
+        if cacheable
+            && !req.force_refresh
+            && let Some(hit) = self.cache.peek_fresh(&normalized.signature)
+        {
+            return Ok(hit);
+        }
+        // Built past the hit: its two `Arc` clones are shared counters every worker bumps.
         let cache_req = CacheRequest {
             signature: normalized.signature,
             upstream: Arc::clone(&up.name),
@@ -219,12 +227,6 @@ impl Gateway {
             cost: route.cost,
             force_refresh: req.force_refresh,
         };
-        if cacheable
-            && !req.force_refresh
-            && let Some(hit) = self.cache.peek_fresh(&cache_req.signature)
-        {
-            return Ok(hit);
-        }
         // Past the in-memory hit, events carry the request id (the upstream fetch, spawned
         // by the cache, inherits the span). Not before: a span costs about as much as the
         // rest of a hit's own work.

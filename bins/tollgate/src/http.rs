@@ -443,15 +443,17 @@ async fn purge(req: HttpRequest, body: Bytes, state: web::Data<AppState>) -> Htt
     }
 }
 
-async fn proxy(
-    req: HttpRequest,
-    payload: web::Payload,
-    state: web::Data<AppState>,
-) -> HttpResponse {
+async fn proxy(req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    // Borrowed from the app data, not extracted: `web::Data` would clone (and drop) an `Arc`
+    // whose count every worker shares, on every request.
+    let Some(state) = req.app_data::<web::Data<AppState>>() else {
+        return ApiError::internal("the gateway's state is missing")
+            .respond(&RequestId::generated(0, 0));
+    };
     let rid = state.request_id(&req);
     // Every event logged while serving this request carries its id: a `request_id` field
     // before the cache, the gateway's `request` span after it (see `Gateway::proxy`).
-    match proxy_inner(&req, payload, &state, &rid).await {
+    match proxy_inner(&req, payload, state, &rid).await {
         Ok((served, rate)) => {
             let mut resp = respond(&served, &rid);
             if let Some(h) = rate {
@@ -559,7 +561,7 @@ async fn proxy_route(
         )));
     }
     let admission = limits
-        .admit(&identity, &up.name, &route, ingress, rid)
+        .admit(&identity, &up.name, route, ingress, rid)
         .await?;
     route_fallback.clone_from(&route.fallback);
 
@@ -606,7 +608,7 @@ async fn proxy_route(
         force_refresh,
         cached_only: admission.cached_only,
     };
-    let served = state.gateway.proxy(&up, &route, preq).await?;
+    let served = state.gateway.proxy(up, route, preq).await?;
     limits
         .record(&identity, &admission, served.fetched, route.cost, rid)
         .await;
