@@ -45,7 +45,7 @@ impl Identity {
     /// The subject limits and quotas are counted under: the key's public id, never the key.
     pub fn subject(&self) -> String {
         match self {
-            Identity::Key(r) => format!("key:{}", r.id),
+            Identity::Key(r) => ["key:", r.id.as_str()].concat(),
             Identity::Anonymous(client) => format!("anon:{client}"),
         }
     }

@@ -67,12 +67,16 @@ impl Headers {
     /// Sets the three headers on a built response.
     pub fn set_on(&self, headers: &mut actix_web::http::header::HeaderMap) {
         use actix_web::http::header::{HeaderName, HeaderValue};
+        // Names built once, not validated again on every answer.
+        static LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+        static REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+        static RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
         for (name, value) in [
-            ("ratelimit-limit", self.limit),
-            ("ratelimit-remaining", self.remaining),
-            ("ratelimit-reset", self.reset_secs),
+            (&LIMIT, self.limit),
+            (&REMAINING, self.remaining),
+            (&RESET, self.reset_secs),
         ] {
-            headers.insert(HeaderName::from_static(name), HeaderValue::from(value));
+            headers.insert(name.clone(), HeaderValue::from(value));
         }
     }
 
@@ -253,7 +257,7 @@ impl Limits {
         let quotas = quotas.iter().filter_map(|&(w, q)| Some((w, q?)));
         let has_quotas = quotas.clone().next().is_some();
         let qsubject = if has_quotas {
-            format!("req:{subject}")
+            ["req:", &subject].concat()
         } else {
             String::new()
         };
@@ -376,32 +380,33 @@ impl Limits {
         cost: f64,
         request_id: &str,
     ) {
-        let Some(key) = identity.key() else { return };
+        // Nothing to count for an answer that made no upstream call (a hit).
+        let Some(key) = identity.key().filter(|_| called_upstream) else {
+            return;
+        };
         let subject = identity.subject();
         let now = crate::keys::now_millis();
-        if called_upstream {
-            for (window, quota) in &admission.count_after {
-                if let Err(e) = self
-                    .quotas
-                    .consume(
-                        &format!("req:{subject}"),
-                        *window,
-                        1,
-                        ratelimit::MAX_AMOUNT.max(*quota),
-                        now,
-                    )
-                    .await
-                {
-                    tracing::warn!(
-                        error = %e,
-                        request_id,
-                        "counting a request against its quota failed"
-                    );
-                }
+        for (window, quota) in &admission.count_after {
+            if let Err(e) = self
+                .quotas
+                .consume(
+                    &format!("req:{subject}"),
+                    *window,
+                    1,
+                    ratelimit::MAX_AMOUNT.max(*quota),
+                    now,
+                )
+                .await
+            {
+                tracing::warn!(
+                    error = %e,
+                    request_id,
+                    "counting a request against its quota failed"
+                );
             }
         }
         let has_budget = key.daily_budget_micros.is_some() || key.monthly_budget_micros.is_some();
-        if called_upstream && has_budget && cost > 0.0 {
+        if has_budget && cost > 0.0 {
             let micros = keystore::money::to_micros(cost).unwrap_or(0);
             for window in [Window::Day, Window::Month] {
                 if let Err(e) = self
