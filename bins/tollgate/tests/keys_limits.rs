@@ -485,6 +485,40 @@ async fn daily_quota_answers_quota_exceeded_until_utc_midnight() {
     assert_eq!(mock.calls(), 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_count_cache_hits_only_upstream_calls_use_the_quota() {
+    let (mock, gw) = setup(
+        "[auth]\nrequired = true\ncount_cache_hits = false\n",
+        "",
+        &[items_route("")],
+    )
+    .await;
+    let key = create_key_cli(&gw, "quota-misses", &["--daily-limit", "2"]).await;
+
+    // A miss counts once it has been served; hits of its entry never do.
+    let r = gw.get_bearer("/demo/items/a", &key.key).await;
+    assert_ok(&r);
+    assert_eq!(r.x_cache(), "MISS");
+    for _ in 0..3 {
+        let r = gw.get_bearer("/demo/items/a", &key.key).await;
+        assert_ok(&r);
+        assert_eq!(r.x_cache(), "HIT");
+    }
+    // The second miss is the quota's last request; after it, even a hit is refused.
+    let r = gw.get_bearer("/demo/items/b", &key.key).await;
+    assert_ok(&r);
+    assert_eq!(r.x_cache(), "MISS");
+    assert_429(
+        &gw.get_bearer("/demo/items/c", &key.key).await,
+        "quota_exceeded",
+    );
+    assert_429(
+        &gw.get_bearer("/demo/items/a", &key.key).await,
+        "quota_exceeded",
+    );
+    assert_eq!(mock.calls(), 2);
+}
+
 // === 4. revocation and expiry ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
