@@ -140,6 +140,17 @@ fn quota_outcome(
     })
 }
 
+/// The quota counter of a subject's requests (checked at admission, counted there or after
+/// an upstream call).
+fn requests_counter(subject: &str) -> String {
+    ["req:", subject].concat()
+}
+
+/// The quota counter of a subject's upstream spend (in micro-units of money).
+fn spend_counter(subject: &str) -> String {
+    ["spend:", subject].concat()
+}
+
 fn limit_of(rate: &Rate) -> Limit {
     Limit::new(rate.count, rate.per)
 }
@@ -257,7 +268,7 @@ impl Limits {
         let quotas = quotas.iter().filter_map(|&(w, q)| Some((w, q?)));
         let has_quotas = quotas.clone().next().is_some();
         let qsubject = if has_quotas {
-            ["req:", &subject].concat()
+            requests_counter(&subject)
         } else {
             String::new()
         };
@@ -350,7 +361,7 @@ impl Limits {
             let Some(budget) = budget else { continue };
             match self
                 .quotas
-                .usage(&format!("spend:{subject}"), window, now)
+                .usage(&spend_counter(&subject), window, now)
                 .await
             {
                 Ok(spent) if spent >= budget => {
@@ -386,11 +397,12 @@ impl Limits {
         };
         let subject = identity.subject();
         let now = crate::keys::now_millis();
+        let requests = requests_counter(&subject);
         for (window, quota) in &admission.count_after {
             if let Err(e) = self
                 .quotas
                 .consume(
-                    &format!("req:{subject}"),
+                    &requests,
                     *window,
                     1,
                     ratelimit::MAX_AMOUNT.max(*quota),
@@ -408,16 +420,11 @@ impl Limits {
         let has_budget = key.daily_budget_micros.is_some() || key.monthly_budget_micros.is_some();
         if has_budget && cost > 0.0 {
             let micros = keystore::money::to_micros(cost).unwrap_or(0);
+            let spend = spend_counter(&subject);
             for window in [Window::Day, Window::Month] {
                 if let Err(e) = self
                     .quotas
-                    .consume(
-                        &format!("spend:{subject}"),
-                        window,
-                        micros,
-                        ratelimit::MAX_AMOUNT,
-                        now,
-                    )
+                    .consume(&spend, window, micros, ratelimit::MAX_AMOUNT, now)
                     .await
                 {
                     tracing::warn!(
