@@ -6,6 +6,7 @@
 use actix_web::HttpResponse;
 use actix_web::http::StatusCode;
 use actix_web::http::header::{HeaderName, HeaderValue};
+use bytes::BytesMut;
 use cache_core::{CacheStatus, Entry, Served};
 
 /// A request's id as the `X-Request-Id` value it is answered with: the client's own when it is
@@ -52,23 +53,36 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// An entry's stored headers in actix-web's types, parsed on the entry's first answer and kept
 /// in its [`cache_core::Prepared`] slot: a hit copies them without parsing again.
-struct ReplayHeaders(Vec<(HeaderName, HeaderValue)>);
+///
+/// Kept for the entry's whole life, so kept small: an exact-size slice, and every value a
+/// slice of one shared buffer. A value parsed on its own would be one allocation, and a second
+/// one (its shared reference count) the first time a hit clones it.
+struct ReplayHeaders(Box<[(HeaderName, HeaderValue)]>);
 
 impl ReplayHeaders {
     /// The entry's headers that are valid HTTP (anything else is skipped, as it always was).
     fn of(entry: &Entry) -> ReplayHeaders {
-        ReplayHeaders(
-            entry
-                .headers
-                .iter()
-                .filter_map(|(k, v)| {
-                    Some((
-                        HeaderName::try_from(k.as_str()).ok()?,
-                        HeaderValue::from_str(v).ok()?,
-                    ))
-                })
-                .collect(),
-        )
+        let names: Vec<Option<HeaderName>> = entry
+            .headers
+            .iter()
+            .map(|(k, _)| HeaderName::try_from(k.as_str()).ok())
+            .collect();
+        let mut values = BytesMut::with_capacity(entry.headers.iter().map(|(_, v)| v.len()).sum());
+        for (_, v) in &entry.headers {
+            values.extend_from_slice(v.as_bytes());
+        }
+        let values = values.freeze();
+        let mut start = 0;
+        let mut pairs = Vec::with_capacity(entry.headers.len());
+        for (name, (_, v)) in names.into_iter().zip(&entry.headers) {
+            let end = start + v.len();
+            let value = HeaderValue::from_maybe_shared(values.slice(start..end));
+            start = end;
+            if let (Some(name), Ok(value)) = (name, value) {
+                pairs.push((name, value));
+            }
+        }
+        ReplayHeaders(pairs.into_boxed_slice())
     }
 }
 
@@ -86,7 +100,7 @@ pub fn respond(served: &Served, rid: &RequestId) -> HttpResponse {
             &owned
         }
     };
-    for (k, v) in &replay.0 {
+    for (k, v) in replay.0.iter() {
         b.append_header((k.clone(), v.clone()));
     }
     b.insert_header((
