@@ -86,6 +86,19 @@ impl ReplayHeaders {
     }
 }
 
+/// An estimate of the bytes [`ReplayHeaders`] keeps for `entry` (what the L1 counts beside
+/// [`Entry::weight`], see `tests/entry_memory.rs`): its slot and list, and per header the
+/// pair, the value's bytes, and a name outside the standard ones with its shared count.
+pub fn replay_weight(entry: &Entry) -> usize {
+    const SLOT: usize = 96;
+    const PER_HEADER: usize = 128;
+    SLOT + entry
+        .headers
+        .iter()
+        .map(|(k, v)| PER_HEADER + k.len() + v.len())
+        .sum::<usize>()
+}
+
 /// The answer to a proxied request: the entry's status, headers and body (shared, not copied),
 /// and Tollgate's own headers.
 pub fn respond(served: &Served, rid: &RequestId) -> HttpResponse {

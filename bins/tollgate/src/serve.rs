@@ -62,7 +62,8 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
 async fn run(cfg: Arc<Config>, db: Database) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new()?);
     let l2 = db.cache_store(cfg.storage.pool_size)?;
-    let l1 = MemoryStore::new(cfg.cache.l1_max_bytes.0);
+    let l1 =
+        MemoryStore::counting_prepared(cfg.cache.l1_max_bytes.0, crate::response::replay_weight);
     let mut tiered = TieredStore::new(l1, Arc::clone(&l2), cfg.cache.l2_write_queue)
         .with_write_linger(cfg.cache.l2_write_linger);
     // A SQLite file is one node's own: a filter of its keys spares the long tail's misses a

@@ -75,7 +75,7 @@ pub use entry::{
 };
 pub use error::{CacheError, Result};
 pub use key::{CacheKey, Signature};
-pub use memory::MemoryStore;
+pub use memory::{MemoryStore, PreparedWeight};
 pub use normalize::{NormalizeConfig, Normalized, Normalizer, canonical_json, round_decimal};
 #[cfg(feature = "postgres")]
 pub use sql::PostgresStore;

@@ -56,6 +56,10 @@ impl std::fmt::Debug for MemoryStore {
     }
 }
 
+/// The bytes an embedder keeps in an entry's [`Entry::prepared`] slot (see
+/// [`MemoryStore::counting_prepared`]).
+pub type PreparedWeight = fn(&Entry) -> usize;
+
 impl MemoryStore {
     /// A store of at most `max_bytes`, expiring entries by the system clock.
     pub fn new(max_bytes: u64) -> Self {
@@ -64,9 +68,23 @@ impl MemoryStore {
 
     /// A store of at most `max_bytes`, expiring entries by `clock`.
     pub fn with_clock(max_bytes: u64, clock: Arc<dyn Clock>) -> Self {
+        Self::build(max_bytes, clock, |_| 0)
+    }
+
+    /// A store of at most `max_bytes` that counts, beside each entry's
+    /// [`weight`](Entry::weight), the bytes `prepared(entry)` says the embedder keeps in its
+    /// [`Entry::prepared`] slot. It is asked when the entry is stored, usually before the slot
+    /// is filled: an estimate of what the embedder will put there.
+    pub fn counting_prepared(max_bytes: u64, prepared: PreparedWeight) -> Self {
+        Self::build(max_bytes, Arc::new(SystemClock), prepared)
+    }
+
+    fn build(max_bytes: u64, clock: Arc<dyn Clock>, prepared: PreparedWeight) -> Self {
         let cache = Moka::builder()
             .max_capacity(max_bytes)
-            .weigher(|_k: &CacheKey, v: &Arc<Entry>| u32::try_from(v.weight()).unwrap_or(u32::MAX))
+            .weigher(move |_k: &CacheKey, v: &Arc<Entry>| {
+                u32::try_from(v.weight().saturating_add(prepared(v))).unwrap_or(u32::MAX)
+            })
             .expire_after(ExpireAtHorizon {
                 clock: Arc::clone(&clock),
             })
