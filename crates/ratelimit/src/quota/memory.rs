@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use async_trait::async_trait;
 use dashmap::DashMap;
 
-use super::{Counter, CounterKey, QuotaDecision, QuotaStore, Window};
+use super::{Counter, CounterId, CounterKey, CounterRef, QuotaDecision, QuotaStore, Window};
 use crate::clock::UnixMillis;
 use crate::error::Result;
 
@@ -91,17 +91,28 @@ impl QuotaStore for MemoryQuotaStore {
         now: UnixMillis,
     ) -> Result<QuotaDecision> {
         self.prune_daily(now);
-        let key = CounterKey::new(subject, window, now);
-        let mut counter = self.inner.counters.entry(key.clone()).or_default();
-        let mut decision = counter.consume(&key, amount, limit);
-        counter.pending = 0; // nothing to flush
+        let id = CounterRef::new(subject, window, now);
+        let count = |counter: &mut Counter| {
+            let decision = counter.consume(&id, amount, limit);
+            counter.pending = 0; // nothing to flush
+            decision
+        };
+        // The subject is copied only for a counter's first use.
+        let mut decision = match self.inner.counters.get_mut(&id as &dyn CounterId) {
+            Some(mut counter) => count(&mut counter),
+            None => count(&mut self.inner.counters.entry(id.to_key()).or_default()),
+        };
         decision.limit = limit;
         Ok(decision)
     }
 
     async fn usage(&self, subject: &str, window: Window, now: UnixMillis) -> Result<u64> {
-        let key = CounterKey::new(subject, window, now);
-        Ok(self.inner.counters.get(&key).map_or(0, |c| c.used))
+        let id = CounterRef::new(subject, window, now);
+        Ok(self
+            .inner
+            .counters
+            .get(&id as &dyn CounterId)
+            .map_or(0, |c| c.used))
     }
 
     async fn flush(&self) -> Result<()> {

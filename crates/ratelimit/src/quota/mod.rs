@@ -117,7 +117,7 @@ impl<Q: QuotaStore + ?Sized> QuotaStore for Arc<Q> {
 pub const MAX_AMOUNT: u64 = (1 << 53) - 1;
 
 /// One counter: a subject in one window instance.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone)]
 pub(crate) struct CounterKey {
     pub(crate) subject: String,
     pub(crate) window: Window,
@@ -140,6 +140,92 @@ impl CounterKey {
     }
 }
 
+/// A counter's identity as the stores' maps find it: a [`CounterKey`], or a [`CounterRef`]
+/// borrowing the caller's subject, so that counting into a known counter copies nothing.
+pub(crate) trait CounterId {
+    /// Subject, window, window start.
+    fn parts(&self) -> (&str, Window, UnixMillis);
+
+    /// When this counter's window ends.
+    fn end(&self) -> UnixMillis {
+        let (_, window, start) = self.parts();
+        window.window_end(start)
+    }
+}
+
+/// A [`CounterKey`] that borrows its subject.
+pub(crate) struct CounterRef<'a> {
+    subject: &'a str,
+    window: Window,
+    start: UnixMillis,
+}
+
+impl<'a> CounterRef<'a> {
+    pub(crate) fn new(subject: &'a str, window: Window, now: UnixMillis) -> CounterRef<'a> {
+        CounterRef {
+            subject,
+            window,
+            start: window.window_start(now),
+        }
+    }
+
+    /// The owned key, to insert a counter under.
+    pub(crate) fn to_key(&self) -> CounterKey {
+        CounterKey {
+            subject: self.subject.to_owned(),
+            window: self.window,
+            start: self.start,
+        }
+    }
+}
+
+impl CounterId for CounterKey {
+    fn parts(&self) -> (&str, Window, UnixMillis) {
+        (&self.subject, self.window, self.start)
+    }
+}
+
+impl CounterId for CounterRef<'_> {
+    fn parts(&self) -> (&str, Window, UnixMillis) {
+        (self.subject, self.window, self.start)
+    }
+}
+
+// A key and its borrowed form hash and compare by the same parts, as `Borrow` requires.
+impl<'a> std::borrow::Borrow<dyn CounterId + 'a> for CounterKey {
+    fn borrow(&self) -> &(dyn CounterId + 'a) {
+        self
+    }
+}
+
+impl std::hash::Hash for dyn CounterId + '_ {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.parts().hash(state);
+    }
+}
+
+impl PartialEq for dyn CounterId + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn CounterId + '_ {}
+
+impl std::hash::Hash for CounterKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.parts().hash(state);
+    }
+}
+
+impl PartialEq for CounterKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for CounterKey {}
+
 /// `used + amount` when it fits in `limit`.
 pub(crate) fn try_add(used: u64, amount: u64, limit: u64) -> Option<u64> {
     used.checked_add(amount).filter(|total| *total <= limit)
@@ -160,7 +246,12 @@ pub(crate) struct Counter {
 }
 
 impl Counter {
-    pub(crate) fn consume(&mut self, key: &CounterKey, amount: u64, limit: u64) -> QuotaDecision {
+    pub(crate) fn consume(
+        &mut self,
+        key: &dyn CounterId,
+        amount: u64,
+        limit: u64,
+    ) -> QuotaDecision {
         self.idle = 0;
         let allowed = match try_add(self.used, amount, limit.min(MAX_AMOUNT)) {
             Some(total) => {
@@ -191,6 +282,26 @@ mod tests {
         assert_eq!(try_add(6, 0, 5), None);
         assert_eq!(try_add(u64::MAX, 1, u64::MAX), None);
         assert_eq!(try_add(0, u64::MAX, u64::MAX), Some(u64::MAX));
+    }
+
+    #[test]
+    fn a_counter_is_found_by_its_borrowed_id() {
+        let map: dashmap::DashMap<CounterKey, u64> = dashmap::DashMap::new();
+        let now = 1_795_392_000_000 + 5_000;
+        map.insert(CounterKey::new("req:key-1", Window::Day, now), 7);
+        let found = |subject: &str, window: Window, at: UnixMillis| {
+            map.get(&CounterRef::new(subject, window, at) as &dyn CounterId)
+                .map(|v| *v)
+        };
+        // Same subject and window instance (a later instant of the same day): found.
+        assert_eq!(found("req:key-1", Window::Day, now + 60_000), Some(7));
+        // Another subject, window kind or instance: not.
+        assert_eq!(found("req:key-2", Window::Day, now), None);
+        assert_eq!(found("req:key-1", Window::Month, now), None);
+        assert_eq!(found("req:key-1", Window::Day, now + 86_400_000), None);
+        let key = CounterRef::new("req:key-1", Window::Day, now).to_key();
+        assert_eq!(key, CounterKey::new("req:key-1", Window::Day, now));
+        assert_eq!(map.get(&key).map(|v| *v), Some(7));
     }
 
     #[test]

@@ -12,7 +12,9 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
-use super::{Counter, CounterKey, QuotaDecision, QuotaStore, Window, try_add};
+use super::{
+    Counter, CounterId, CounterKey, CounterRef, QuotaDecision, QuotaStore, Window, try_add,
+};
 use crate::clock::UnixMillis;
 use crate::error::{RateLimitError, Result};
 
@@ -364,6 +366,24 @@ async fn flush_task(inner: Weak<SqlInner>, every: Duration) {
 }
 
 impl SqlInner {
+    /// `consume` for a counter not in memory: its stored total is loaded first.
+    async fn consume_first(
+        &self,
+        key: CounterKey,
+        amount: u64,
+        limit: u64,
+    ) -> Result<QuotaDecision> {
+        let stored = match self.db.load(&key).await {
+            Ok(stored) => stored,
+            Err(e) => return self.consume_unloaded(key, amount, limit, e),
+        };
+        let mut counter = self.counters.entry(key.clone()).or_insert_with(|| Counter {
+            used: stored,
+            ..Counter::default()
+        });
+        Ok(counter.consume(&key, amount, limit))
+    }
+
     /// `consume` for a subject whose stored total could not be read (`error`): counts in a new
     /// counter starting from zero, written as deltas once the database returns; `error` when
     /// there is nothing to count or too many such counters exist already.
@@ -459,31 +479,21 @@ impl QuotaStore for SqlQuotaStore {
         limit: u64,
         now: UnixMillis,
     ) -> Result<QuotaDecision> {
-        let key = CounterKey::new(subject, window, now);
-        if let Some(mut counter) = self.inner.counters.get_mut(&key) {
-            return Ok(counter.consume(&key, amount, limit));
+        let id = CounterRef::new(subject, window, now);
+        if let Some(mut counter) = self.inner.counters.get_mut(&id as &dyn CounterId) {
+            return Ok(counter.consume(&id, amount, limit));
         }
-        let stored = match self.inner.db.load(&key).await {
-            Ok(stored) => stored,
-            Err(e) => return self.inner.consume_unloaded(key, amount, limit, e),
-        };
-        let mut counter = self
-            .inner
-            .counters
-            .entry(key.clone())
-            .or_insert_with(|| Counter {
-                used: stored,
-                ..Counter::default()
-            });
-        Ok(counter.consume(&key, amount, limit))
+        // Boxed: the query's future is large and needed only for a counter's first use; inline
+        // it would be part of every call's boxed future, a large allocation per request.
+        Box::pin(self.inner.consume_first(id.to_key(), amount, limit)).await
     }
 
     async fn usage(&self, subject: &str, window: Window, now: UnixMillis) -> Result<u64> {
-        let key = CounterKey::new(subject, window, now);
-        if let Some(counter) = self.inner.counters.get(&key) {
+        let id = CounterRef::new(subject, window, now);
+        if let Some(counter) = self.inner.counters.get(&id as &dyn CounterId) {
             return Ok(counter.used);
         }
-        self.inner.db.load(&key).await
+        self.inner.db.load(&id.to_key()).await
     }
 
     async fn flush(&self) -> Result<()> {
