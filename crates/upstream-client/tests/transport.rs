@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use mock_upstream::MockUpstream;
+use mock_upstream::{MockUpstream, RecordedRequest};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
@@ -46,7 +46,58 @@ fn owned(list: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Every value of header `name` (lower-case) the request carried, in order.
+fn values<'r>(seen: &'r RecordedRequest, name: &str) -> Vec<&'r str> {
+    seen.headers
+        .iter()
+        .filter(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
 // === request framing and headers ===
+
+#[tokio::test]
+async fn empty_bodies_of_post_put_patch_are_sent_with_content_length_zero() {
+    let mock = MockUpstream::start().await.unwrap();
+    let c = client(&mock.url());
+    for method in ["POST", "PUT", "PATCH"] {
+        let r = c
+            .send(OutboundRequest {
+                method,
+                ..OutboundRequest::get("/m", "")
+            })
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+        let seen = mock.last_request().unwrap();
+        assert_eq!(seen.method, method);
+        assert_eq!(seen.header("content-length"), Some("0"), "{method}");
+        assert!(!seen.has_header("transfer-encoding"), "{method}");
+    }
+    for method in ["GET", "DELETE", "OPTIONS"] {
+        c.send(OutboundRequest {
+            method,
+            ..OutboundRequest::get("/m", "")
+        })
+        .await
+        .unwrap();
+        let seen = mock.last_request().unwrap();
+        assert_eq!(seen.method, method);
+        assert!(!seen.has_header("content-length"), "{method}");
+        assert!(!seen.has_header("transfer-encoding"), "{method}");
+    }
+    // A body on a GET is sent as it is, with its length.
+    c.send(OutboundRequest {
+        body: Bytes::from_static(b"abc"),
+        ..OutboundRequest::get("/m", "")
+    })
+    .await
+    .unwrap();
+    let seen = mock.last_request().unwrap();
+    assert_eq!(seen.header("content-length"), Some("3"));
+    assert_eq!(seen.body, Bytes::from_static(b"abc"));
+}
 
 #[tokio::test]
 async fn accept_defaults_to_any_and_the_clients_wins() {
@@ -54,9 +105,7 @@ async fn accept_defaults_to_any_and_the_clients_wins() {
     let c = client(&mock.url());
     c.send(OutboundRequest::get("/a", "")).await.unwrap();
     let seen = mock.last_request().unwrap();
-    let accept: Vec<_> = seen.headers.iter().filter(|(n, _)| n == "accept").collect();
-    assert_eq!(accept.len(), 1);
-    assert_eq!(accept[0].1, "*/*");
+    assert_eq!(values(&seen, "accept"), ["*/*"]);
     assert!(!seen.has_header("user-agent"));
     assert!(!seen.has_header("accept-encoding"));
     assert!(!seen.has_header("referer"));
@@ -69,13 +118,7 @@ async fn accept_defaults_to_any_and_the_clients_wins() {
     .await
     .unwrap();
     let seen = mock.last_request().unwrap();
-    let accept: Vec<_> = seen
-        .headers
-        .iter()
-        .filter(|(n, _)| n == "accept")
-        .map(|(_, v)| v.as_str())
-        .collect();
-    assert_eq!(accept, ["application/json", "text/csv"]);
+    assert_eq!(values(&seen, "accept"), ["application/json", "text/csv"]);
 }
 
 #[tokio::test]
@@ -103,13 +146,7 @@ async fn base_url_credentials_become_basic_auth() {
     let c = UpstreamClient::new(s).unwrap();
     c.send(OutboundRequest::get("/x", "")).await.unwrap();
     let seen = mock.last_request().unwrap();
-    let auth: Vec<_> = seen
-        .headers
-        .iter()
-        .filter(|(n, _)| n == "authorization")
-        .map(|(_, v)| v.as_str())
-        .collect();
-    assert_eq!(auth, ["Bearer injected"]);
+    assert_eq!(values(&seen, "authorization"), ["Bearer injected"]);
 }
 
 #[tokio::test]
