@@ -441,13 +441,24 @@ impl UpstreamClient {
         // The status, once the response head arrived (a body over the cap still has one).
         let mut answered: Option<u16> = None;
         let exchange = async {
-            let request = self.request(call)?;
-            let response = self
-                .inner
-                .http
-                .request(request)
-                .await
-                .map_err(|e| UpstreamError::from_http(&self.inner.name, &e))?;
+            let mut resends = 0;
+            let response = loop {
+                match self.inner.http.request(self.request(call)?).await {
+                    Ok(response) => break response,
+                    // Not an attempt of its own: the upstream has not processed the request.
+                    Err(e)
+                        if resends < transport::REFUSED_RESENDS
+                            && transport::refused_unprocessed(&e) =>
+                    {
+                        resends += 1;
+                        tracing::debug!(
+                            upstream = %self.inner.name, path = call.path, attempt = n,
+                            error = %e, "upstream refused the request unprocessed; sending again"
+                        );
+                    }
+                    Err(e) => return Err(UpstreamError::from_http(&self.inner.name, &e)),
+                }
+            };
             answered = Some(response.status().as_u16());
             self.read(response).await
         };

@@ -87,6 +87,27 @@ pub(crate) fn pool(
         }))
 }
 
+/// How often a request the upstream refused unprocessed over HTTP/2 is sent again at once,
+/// on top of the first time (reqwest's default did the same).
+pub(crate) const REFUSED_RESENDS: u32 = 2;
+
+/// Whether the upstream refused a request over HTTP/2 before processing any of it: it reset
+/// the stream with `REFUSED_STREAM`, or is shutting the connection down gracefully (`GOAWAY`
+/// with `NO_ERROR`). Sending it again is safe whatever the method (RFC 9113 §8.7).
+pub(crate) fn refused_unprocessed(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(err);
+    while let Some(cause) = source {
+        if let Some(e) = cause.downcast_ref::<h2::Error>() {
+            let reason = e.reason();
+            return e.is_remote()
+                && ((e.is_reset() && reason == Some(h2::Reason::REFUSED_STREAM))
+                    || (e.is_go_away() && reason == Some(h2::Reason::NO_ERROR)));
+        }
+        source = cause.source();
+    }
+    false
+}
+
 // === impl ConnectTimeout ===
 
 /// A connector whose connections (TCP and TLS handshake) must be up within `timeout`.

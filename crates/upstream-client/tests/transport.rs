@@ -8,6 +8,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -228,9 +229,8 @@ async fn concurrent_requests_open_connections_and_keep_them() {
 
 // === HTTPS ===
 
-/// A TLS server for `localhost`/`127.0.0.1` that answers every request with its HTTP
-/// version and the authority it was asked for, speaking HTTP/2 when ALPN chose `h2`.
-async fn tls_server(alpn: &[&[u8]]) -> SocketAddr {
+/// TLS for `localhost`/`127.0.0.1` with the test CA's certificate, offering `alpn`.
+fn tls_acceptor(alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
     let certs = CertificateDer::pem_slice_iter(LEAF_PEM)
         .collect::<Result<Vec<_>, _>>()
         .unwrap();
@@ -243,7 +243,13 @@ async fn tls_server(alpn: &[&[u8]]) -> SocketAddr {
         .with_single_cert(certs, key)
         .unwrap();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// A TLS server that answers every request with its HTTP version and the authority it was
+/// asked for, speaking HTTP/2 when ALPN chose `h2`.
+async fn tls_server(alpn: &[&[u8]]) -> SocketAddr {
+    let acceptor = tls_acceptor(alpn);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -378,5 +384,70 @@ fn https_with_a_trusted_certificate_speaks_h2_or_http1_as_negotiated() {
                 }
             }
         }
+    });
+}
+
+/// An HTTP/2-only TLS server that resets its first `refuse` streams with `REFUSED_STREAM` and
+/// answers the others `200 ok`. Also returns how many streams it saw.
+async fn h2_refusing_server(refuse: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+    let acceptor = tls_acceptor(&[b"h2"]);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let streams = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&streams);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), Arc::clone(&seen));
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut conn) = h2::server::handshake(tls).await else {
+                    return;
+                };
+                while let Some(Ok((_request, mut respond))) = conn.accept().await {
+                    if seen.fetch_add(1, Ordering::SeqCst) < refuse {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    } else if let Ok(mut body) =
+                        respond.send_response(http::Response::new(()), false)
+                    {
+                        let _ = body.send_data(Bytes::from_static(b"ok"), true);
+                    }
+                }
+            });
+        }
+    });
+    (addr, streams)
+}
+
+#[test]
+fn http2_refused_streams_are_sent_again_at_once() {
+    if std::env::var_os(CHILD).is_none() {
+        return run_trusting_test_ca("http2_refused_streams_are_sent_again_at_once");
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        // Refused twice, answered the third time: one attempt, no retry of ours (retries are
+        // off in `settings`), whatever the method.
+        let (addr, streams) = h2_refusing_server(2).await;
+        let c = client(&format!("https://localhost:{}", addr.port()));
+        let r = c
+            .send(OutboundRequest {
+                method: "POST",
+                body: Bytes::from_static(b"{}"),
+                ..OutboundRequest::get("/x", "")
+            })
+            .await
+            .unwrap();
+        assert_eq!((r.status, r.body.as_ref()), (200, b"ok".as_slice()));
+        assert_eq!(streams.load(Ordering::SeqCst), 3);
+        assert_eq!(c.retries(), 0);
+
+        // Refused three times: given up after two re-sends, a protocol error.
+        let (addr, streams) = h2_refusing_server(3).await;
+        let c = client(&format!("https://localhost:{}", addr.port()));
+        let err = c.send(OutboundRequest::get("/x", "")).await.unwrap_err();
+        assert_eq!(err.kind(), "protocol", "{err}");
+        assert_eq!(streams.load(Ordering::SeqCst), 3);
     });
 }
