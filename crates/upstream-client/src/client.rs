@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use breaker::{Clock, Idempotence, MonotonicClock, Permit, Snapshot, State, Stop};
 use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
-use reqwest::Method;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{CONTENT_LENGTH, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, Uri};
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Incoming};
 use tokio::time::Instant;
 use url::Url;
 
@@ -17,6 +18,7 @@ use crate::error::{Result, UpstreamError};
 use crate::headers;
 use crate::resilience::{self, Guard, Reason, Resilience};
 use crate::target::Base;
+use crate::transport::{self, Body, Pool};
 
 // === impl UpstreamSettings ===
 
@@ -180,7 +182,9 @@ struct Inner {
     name: String,
     base: Base,
     injected: Vec<(HeaderName, HeaderValue)>,
-    http: reqwest::Client,
+    /// `Authorization` for the base URL's user info, if it has any.
+    url_auth: Option<HeaderValue>,
+    http: Pool,
     timeout: Duration,
     max_body_bytes: u64,
     guard: Guard,
@@ -202,8 +206,12 @@ struct Last {
 /// One request, checked and built once, sent as often as retries need.
 struct Prepared<'r> {
     method: Method,
-    url: Url,
-    headers: HeaderMap,
+    uri: Uri,
+    /// The outbound headers, built by `send`, moved into the first attempt (a retry builds
+    /// them again from `client_headers`: cheaper than a copy per request for the rare retry).
+    headers: Mutex<Option<HeaderMap>>,
+    /// The client's headers, as received.
+    client_headers: &'r [(String, String)],
     body: Bytes,
     /// For logs: the upstream-relative path as the client sent it.
     path: &'r str,
@@ -259,29 +267,20 @@ impl UpstreamClient {
         }
         let guard = Guard::new(&s.name, &s.resilience, s.timeout, clock)?;
         crate::install_crypto_provider();
-        let http = reqwest::Client::builder()
-            .connect_timeout(s.connect_timeout)
-            .timeout(s.timeout)
-            .pool_max_idle_per_host(s.pool_max_idle_per_host)
-            .tcp_nodelay(true)
-            // A gateway passes redirects back to its client instead of following them.
-            .redirect(reqwest::redirect::Policy::none())
-            // Never route upstream traffic through an environment-configured proxy.
-            .no_proxy()
-            .referer(false)
-            .build()
-            .map_err(|e| {
-                UpstreamError::config(format!(
-                    "upstream {}: cannot build the HTTP client: {}",
-                    s.name,
-                    e.without_url()
-                ))
-            })?;
+        // No proxy from the environment, no redirects followed (a gateway hands them to its
+        // client), no Referer, no decompression: the pool does none of these.
+        let http = transport::pool(s.connect_timeout, s.pool_max_idle_per_host).map_err(|e| {
+            UpstreamError::config(format!(
+                "upstream {}: cannot build the HTTP client: {e}",
+                s.name
+            ))
+        })?;
         Ok(Self {
             inner: Arc::new(Inner {
                 name: s.name,
                 base,
                 injected,
+                url_auth: headers::basic_auth(&s.base_url),
                 http,
                 timeout: s.timeout,
                 max_body_bytes: s.max_body_bytes,
@@ -338,8 +337,8 @@ impl UpstreamClient {
     pub async fn send(&self, req: OutboundRequest<'_>) -> Result<UpstreamResponse> {
         let method = Method::from_bytes(req.method.as_bytes())
             .map_err(|_| UpstreamError::invalid(format!("invalid method {:?}", req.method)))?;
-        let url = self.url_for(req.path, req.query)?;
-        let headers = headers::outbound(req.headers, &self.inner.injected)?;
+        let uri = self.inner.base.target(req.path, req.query)?;
+        let headers = self.outbound_headers(req.headers, &method, &req.body)?;
         let idempotence = Idempotence::of_method(method.as_str(), req.retry_non_idempotent);
         let guard = &self.inner.guard;
 
@@ -347,8 +346,9 @@ impl UpstreamClient {
         let first = guard.admit(&self.inner.name)?;
         let call = Prepared {
             method,
-            url,
-            headers,
+            uri,
+            headers: Mutex::new(Some(headers)),
+            client_headers: req.headers,
             body: req.body,
             path: req.path,
             deadline: Instant::now() + self.inner.timeout,
@@ -441,21 +441,24 @@ impl UpstreamClient {
         // The status, once the response head arrived (a body over the cap still has one).
         let mut answered: Option<u16> = None;
         let exchange = async {
-            let mut builder = self
-                .inner
-                .http
-                .request(call.method.clone(), call.url.clone())
-                .headers(call.headers.clone())
-                // Never more than this attempt's share, even if the tokio timeout below is
-                // polled late.
-                .timeout(limit);
-            if !call.body.is_empty() || method_expects_body(&call.method) {
-                builder = builder.body(call.body.clone());
-            }
-            let response = builder
-                .send()
-                .await
-                .map_err(|e| UpstreamError::from_reqwest(&self.inner.name, e))?;
+            let mut resends = 0;
+            let response = loop {
+                match self.inner.http.request(self.request(call)?).await {
+                    Ok(response) => break response,
+                    // Not an attempt of its own: the upstream has not processed the request.
+                    Err(e)
+                        if resends < transport::REFUSED_RESENDS
+                            && transport::refused_unprocessed(&e) =>
+                    {
+                        resends += 1;
+                        tracing::debug!(
+                            upstream = %self.inner.name, path = call.path, attempt = n,
+                            error = %e, "upstream refused the request unprocessed; sending again"
+                        );
+                    }
+                    Err(e) => return Err(UpstreamError::from_http(&self.inner.name, &e)),
+                }
+            };
             answered = Some(response.status().as_u16());
             self.read(response).await
         };
@@ -479,6 +482,42 @@ impl UpstreamClient {
             ),
         }
         result
+    }
+
+    /// The headers for `client_headers` (see `headers::outbound`), plus `Content-Length: 0`
+    /// for an empty body of a method that carries one (HTTP/1.1 sends other empty bodies
+    /// without a length; a non-empty body gets its length from the HTTP client).
+    fn outbound_headers(
+        &self,
+        client_headers: &[(String, String)],
+        method: &Method,
+        body: &Bytes,
+    ) -> Result<HeaderMap> {
+        let inner = &self.inner;
+        let mut headers =
+            headers::outbound(client_headers, &inner.injected, inner.url_auth.as_ref())?;
+        if body.is_empty() && method_expects_body(method) {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+        }
+        Ok(headers)
+    }
+
+    /// The HTTP request for one attempt of `call`.
+    fn request(&self, call: &Prepared<'_>) -> Result<Request<Body>> {
+        let first = call
+            .headers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let headers = match first {
+            Some(headers) => headers,
+            None => self.outbound_headers(call.client_headers, &call.method, &call.body)?,
+        };
+        let mut request = Request::new(Body::new(call.body.clone()));
+        *request.method_mut() = call.method.clone();
+        *request.uri_mut() = call.uri.clone();
+        *request.headers_mut() = headers;
+        Ok(request)
     }
 
     fn timed_out(&self, limit: Duration) -> UpstreamError {
@@ -522,22 +561,28 @@ impl UpstreamClient {
     }
 
     /// Reads the body as a stream, failing as soon as it exceeds the cap.
-    async fn read(&self, response: reqwest::Response) -> Result<UpstreamResponse> {
+    async fn read(&self, response: Response<Incoming>) -> Result<UpstreamResponse> {
         let limit = self.inner.max_body_bytes;
         let too_large = || UpstreamError::BodyTooLarge { limit };
-        let declared = response.content_length();
+        let (head, mut body) = response.into_parts();
+        // The length the body will have: Content-Length, except where the response has no
+        // body whatever it declares (HEAD, 204, 304).
+        let declared = body.size_hint().exact();
         if declared.is_some_and(|len| len > limit) {
             return Err(too_large());
         }
-        let status = response.status().as_u16();
-        let headers = headers::inbound(response.headers());
+        let status = head.status.as_u16();
+        let headers = headers::inbound(&head.headers);
 
-        let mut stream = response.bytes_stream();
         let mut first: Option<Bytes> = None;
         let mut rest: Option<BytesMut> = None;
         let mut total: u64 = 0;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| UpstreamError::from_reqwest(&self.inner.name, e))?;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| UpstreamError::from_http(&self.inner.name, &e))?;
+            // Trailers are dropped.
+            let Ok(chunk) = frame.into_data() else {
+                continue;
+            };
             total = total.saturating_add(chunk.len() as u64);
             if total > limit {
                 return Err(too_large());

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::transport::ConnectTimedOut;
+
 /// `Result` with [`UpstreamError`] as the default error.
 pub type Result<T, E = UpstreamError> = std::result::Result<T, E>;
 
@@ -126,17 +128,33 @@ impl UpstreamError {
         }
     }
 
-    /// Classifies a reqwest error. The URL is stripped first: it may hold credentials.
-    pub(crate) fn from_reqwest(upstream: &str, err: reqwest::Error) -> Self {
+    /// Classifies an error of the HTTP client (hyper-util's, with the connector's causes) or
+    /// of a response body (hyper's), by its whole chain of causes: a timeout anywhere is a
+    /// [`Timeout`](Self::Timeout) (the connect timeout too), else a failure to connect (TCP,
+    /// DNS, TLS handshake) a [`Connect`](Self::Connect), else a [`Protocol`](Self::Protocol)
+    /// error. Neither library puts the URL in its errors, so the message carries none.
+    pub(crate) fn from_http(upstream: &str, err: &(dyn std::error::Error + 'static)) -> Self {
         let upstream = upstream.to_owned();
-        let err = err.without_url();
-        let message = chain(&err);
-        if err.is_timeout() {
+        let message = chain(err);
+        let (mut timeout, mut connect) = (false, false);
+        let mut source = Some(err);
+        while let Some(cause) = source {
+            timeout |= cause.is::<ConnectTimedOut>()
+                || cause
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+                || cause
+                    .downcast_ref::<hyper::Error>()
+                    .is_some_and(hyper::Error::is_timeout);
+            connect |= cause
+                .downcast_ref::<hyper_util::client::legacy::Error>()
+                .is_some_and(hyper_util::client::legacy::Error::is_connect);
+            source = cause.source();
+        }
+        if timeout {
             Self::Timeout { upstream, message }
-        } else if err.is_connect() {
+        } else if connect {
             Self::Connect { upstream, message }
-        } else if err.is_builder() {
-            Self::InvalidRequest { message }
         } else {
             Self::Protocol { upstream, message }
         }

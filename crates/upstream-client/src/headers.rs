@@ -1,6 +1,10 @@
 //! Which headers cross the gateway, in each direction.
 
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use http::header::{ACCEPT, AUTHORIZATION, CONNECTION, HeaderMap, HeaderName, HeaderValue};
+use percent_encoding::percent_decode_str;
+use url::Url;
 
 use crate::error::{Result, UpstreamError};
 
@@ -72,15 +76,35 @@ pub(crate) fn parse_injected(
         .collect()
 }
 
+/// `Authorization: Basic …` for the user name and password in `url`
+/// (`https://user:secret@api.example.com/`), percent-decoded; `None` when it has neither.
+/// The value is marked sensitive.
+pub(crate) fn basic_auth(url: &Url) -> Option<HeaderValue> {
+    if url.username().is_empty() && url.password().is_none() {
+        return None;
+    }
+    let mut credentials: Vec<u8> = percent_decode_str(url.username()).collect();
+    credentials.push(b':');
+    if let Some(password) = url.password() {
+        credentials.extend(percent_decode_str(password));
+    }
+    let mut value = HeaderValue::try_from(format!("Basic {}", BASE64.encode(credentials))).ok()?;
+    value.set_sensitive(true);
+    Some(value)
+}
+
 /// The headers to send upstream: the client's headers minus hop-by-hop ones (and those named
 /// in `Connection`), minus `Host`/`Content-Length`, minus the client's credentials, minus any
-/// name the upstream injects; then the injected headers.
+/// name the upstream injects; then the injected headers; then `url_auth` (the base URL's
+/// credentials) unless an `Authorization` was injected, and `Accept: */*` unless the client
+/// sent an `Accept`.
 pub(crate) fn outbound(
     client: &[(String, String)],
     injected: &[(HeaderName, HeaderValue)],
+    url_auth: Option<&HeaderValue>,
 ) -> Result<HeaderMap> {
     let listed = connection_listed(client.iter().map(|(n, v)| (n.as_str(), v.as_str())));
-    let mut out = HeaderMap::with_capacity(client.len() + injected.len());
+    let mut out = HeaderMap::with_capacity(client.len() + injected.len() + 2);
     for (name, value) in client {
         let lower = name.to_ascii_lowercase();
         if is_hop_by_hop(&lower)
@@ -100,6 +124,11 @@ pub(crate) fn outbound(
     for (name, value) in injected {
         out.append(name.clone(), value.clone());
     }
+    if let Some(auth) = url_auth {
+        out.entry(AUTHORIZATION).or_insert_with(|| auth.clone());
+    }
+    out.entry(ACCEPT)
+        .or_insert_with(|| HeaderValue::from_static("*/*"));
     Ok(out)
 }
 
@@ -108,7 +137,7 @@ pub(crate) fn outbound(
 pub(crate) fn inbound(headers: &HeaderMap) -> Vec<(String, String)> {
     let listed = connection_listed(
         headers
-            .get_all(reqwest::header::CONNECTION)
+            .get_all(CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .map(|v| ("connection", v)),
@@ -162,7 +191,7 @@ mod tests {
             ("X-Upstream-Token", "client-value"),
         ]);
         let injected = parse_injected(&pairs(&[("X-Upstream-Token", "secret")])).unwrap();
-        let out = outbound(&client, &injected).unwrap();
+        let out = outbound(&client, &injected, None).unwrap();
         let names: Vec<_> = out.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-client-id", "accept", "x-upstream-token"]);
         assert_eq!(out.get_all("accept").iter().count(), 2);
@@ -173,10 +202,40 @@ mod tests {
 
     #[test]
     fn outbound_rejects_bad_client_headers() {
-        let err = outbound(&pairs(&[("bad name", "x")]), &[]).unwrap_err();
+        let err = outbound(&pairs(&[("bad name", "x")]), &[], None).unwrap_err();
         assert_eq!(err.kind(), "invalid_request");
-        let err = outbound(&pairs(&[("x-ok", "a\nb")]), &[]).unwrap_err();
+        let err = outbound(&pairs(&[("x-ok", "a\nb")]), &[], None).unwrap_err();
         assert_eq!(err.kind(), "invalid_request");
+    }
+
+    #[test]
+    fn url_credentials_and_accept_are_defaults() {
+        let url = |s: &str| Url::parse(s).unwrap();
+        assert_eq!(basic_auth(&url("https://h/x")), None);
+        let auth = basic_auth(&url("https://us%65r:p%40ss%C3%A9@h/")).unwrap();
+        assert!(auth.is_sensitive());
+        // base64("user:p@ssé")
+        assert_eq!(auth, "Basic dXNlcjpwQHNzw6k=");
+        assert_eq!(
+            basic_auth(&url("https://key@h/")).unwrap(),
+            "Basic a2V5Og=="
+        );
+        assert_eq!(basic_auth(&url("https://:pw@h/")).unwrap(), "Basic OnB3");
+
+        let out = outbound(&pairs(&[("Authorization", "Bearer c")]), &[], Some(&auth)).unwrap();
+        assert_eq!(
+            out.get_all(AUTHORIZATION).iter().collect::<Vec<_>>(),
+            [&auth]
+        );
+        assert_eq!(out[ACCEPT], "*/*");
+        let injected = parse_injected(&pairs(&[("Authorization", "Bearer i")])).unwrap();
+        let client = pairs(&[("accept", "text/csv")]);
+        let out = outbound(&client, &injected, Some(&auth)).unwrap();
+        assert_eq!(
+            out.get_all(AUTHORIZATION).iter().collect::<Vec<_>>(),
+            ["Bearer i"]
+        );
+        assert_eq!(out.get_all(ACCEPT).iter().collect::<Vec<_>>(), ["text/csv"]);
     }
 
     #[test]

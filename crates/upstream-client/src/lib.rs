@@ -1,7 +1,8 @@
 //! # upstream-client
 //!
-//! The HTTP client Tollgate uses to call one paid third-party API ("upstream"): one pooled
-//! [`reqwest`] client (rustls) per upstream, with
+//! The HTTP client Tollgate uses to call one paid third-party API ("upstream"): one
+//! connection pool per upstream (hyper-util's pooled client; HTTP/1.1, and HTTP/2 where TLS
+//! negotiates it; rustls with the platform's trust store), with
 //!
 //! * **URL joining** that keeps a base path (`https://api.rentcast.io/v1` + `/properties` →
 //!   `/v1/properties`) and refuses paths that would leave it (`..`, also percent-encoded);
@@ -20,7 +21,9 @@
 //!   whether a retry may help ([`UpstreamError::is_retryable`]) and names its kind for metrics.
 //!
 //! Bodies are passed through untouched: nothing is decompressed, `Content-Encoding` stays in
-//! the response headers. Redirects are not followed and no environment proxy is used. Any
+//! the response headers. Redirects are not followed, no environment proxy is used, and the
+//! only headers added are `Host`, `Content-Length`, `Accept: */*` when the client sent no
+//! `Accept`, and `Authorization: Basic` for user info in the base URL (unless injected). Any
 //! HTTP status is an `Ok` response (after retries, the last one); what a status means is the
 //! caller's business. [`UpstreamClient::send`] documents the exact rules and time bound.
 //!
@@ -72,6 +75,7 @@ mod error;
 mod headers;
 mod resilience;
 mod target;
+mod transport;
 
 /// The breaker crate, re-exported for its settings ([`breaker::BreakerConfig`],
 /// [`breaker::RetryPolicy`], [`breaker::BudgetConfig`]), [`breaker::Snapshot`] and clocks.

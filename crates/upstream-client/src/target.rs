@@ -1,7 +1,9 @@
 //! Joining the upstream's base URL with a client's path and query.
 
+use http::Uri;
+use http::uri::{self, Authority, PathAndQuery, Scheme};
 use percent_encoding::percent_decode_str;
-use url::Url;
+use url::{Position, Url};
 
 use crate::error::{Result, UpstreamError};
 
@@ -13,6 +15,10 @@ pub(crate) struct Base {
     prefix: String,
     /// The base URL's own query (e.g. an API key in the query string), if any.
     query: Option<String>,
+    /// The scheme and `host[:port]` of request targets (no user info: that is sent as
+    /// `Authorization`, see `headers::basic_auth`).
+    scheme: Scheme,
+    authority: Authority,
 }
 
 impl Base {
@@ -29,11 +35,43 @@ impl Base {
         if url.fragment().is_some() {
             return Err(UpstreamError::config("base_url must not have a #fragment"));
         }
+        let scheme = match url.scheme() {
+            "https" => Scheme::HTTPS,
+            _ => Scheme::HTTP,
+        };
+        let host = url.host_str().unwrap_or_default();
+        let authority = match url.port() {
+            Some(port) => Authority::try_from(format!("{host}:{port}")),
+            None => Authority::try_from(host),
+        }
+        .map_err(|_| UpstreamError::config("base_url host is not a valid HTTP authority"))?;
         let mut url = url.clone();
         let prefix = url.path().trim_end_matches('/').to_owned();
         let query = url.query().filter(|q| !q.is_empty()).map(str::to_owned);
         url.set_query(None);
-        Ok(Self { url, prefix, query })
+        Ok(Self {
+            url,
+            prefix,
+            query,
+            scheme,
+            authority,
+        })
+    }
+
+    /// The request target for `path` and `query`: [`join`](Self::join) as an HTTP URI,
+    /// without the base URL's user info.
+    pub(crate) fn target(&self, path: &str, query: &str) -> Result<Uri> {
+        let url = self.join(path, query)?;
+        let path_and_query = PathAndQuery::try_from(
+            &url[Position::BeforePath..Position::AfterQuery],
+        )
+        .map_err(|_| UpstreamError::invalid("path or query is not a valid request target"))?;
+        let mut parts = uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(path_and_query);
+        Uri::from_parts(parts)
+            .map_err(|_| UpstreamError::invalid("path or query is not a valid request target"))
     }
 
     /// `{base}{path}?{base query&}{query}`. Rejects paths that could leave the base path.
@@ -187,6 +225,23 @@ mod tests {
             b.join("/a..b/.well-known/x.json", "").unwrap().path(),
             "/v1/a..b/.well-known/x.json"
         );
+    }
+
+    #[test]
+    fn targets_keep_the_url_minus_user_info() {
+        let b = base("https://user:pw@api.example.com/v1?appid=secret");
+        let uri = b.target("/a b", "q=1&r=%20").unwrap();
+        assert_eq!(
+            uri.to_string(),
+            "https://api.example.com/v1/a%20b?appid=secret&q=1&r=%20"
+        );
+        let b = base("http://[::1]:8080");
+        assert_eq!(b.target("", "").unwrap().to_string(), "http://[::1]:8080/");
+        assert_eq!(b.target("", "").unwrap().host(), Some("[::1]"));
+        // A default port is not repeated.
+        let b = base("https://h:443/x/");
+        assert_eq!(b.target("/y", "").unwrap().to_string(), "https://h/x/y");
+        assert_eq!(b.target("/../y", "").unwrap_err().kind(), "invalid_request");
     }
 
     #[test]
