@@ -843,6 +843,70 @@ async fn memory_store_stays_within_its_byte_bound() {
 }
 
 #[tokio::test]
+async fn a_store_counting_prepared_counts_the_embedders_bytes_too() {
+    // What an embedder says it keeps per entry, whatever the entry.
+    fn prepared(_: &Entry) -> usize {
+        10_000
+    }
+    let plain = MemoryStore::new(1 << 20);
+    let counting = MemoryStore::counting_prepared(1 << 20, prepared);
+    let mut weight = 0;
+    for i in 0..50 {
+        let signature = format!("v1\nGET\nup\n/r\ni={i}\n-");
+        let e = Arc::new(Entry::new(
+            signature.as_str(),
+            "up",
+            "/r",
+            200,
+            vec![("content-type".into(), "application/json".into())],
+            Bytes::from(vec![b'x'; 600]),
+            0.0,
+            &CachePolicy::default(),
+            T0,
+        ));
+        weight += e.weight() as u64;
+        for store in [&plain, &counting] {
+            store
+                .put(CacheKey::of(&signature), Arc::clone(&e))
+                .await
+                .expect("put");
+        }
+    }
+    let plain = plain.usage().await.expect("usage");
+    let counting = counting.usage().await.expect("usage");
+    assert_eq!((plain.entries, plain.bytes), (50, weight));
+    assert_eq!(
+        (counting.entries, counting.bytes),
+        (50, weight + 50 * 10_000)
+    );
+
+    // The cap bounds both together: 1 MiB holds about 1 MiB / (weight + 10,000) entries.
+    let capped = MemoryStore::counting_prepared(1 << 20, prepared);
+    for i in 0..1_000 {
+        let signature = format!("v1\nGET\nup\n/r\ni={i}\n-");
+        let e = Entry::new(
+            signature.as_str(),
+            "up",
+            "/r",
+            200,
+            vec![],
+            Bytes::from(vec![b'x'; 600]),
+            0.0,
+            &CachePolicy::default(),
+            T0,
+        );
+        capped
+            .put(CacheKey::of(&signature), Arc::new(e))
+            .await
+            .expect("put");
+    }
+    capped.run_pending_tasks();
+    let usage = capped.usage().await.expect("usage");
+    assert!(usage.bytes <= (1 << 20) + (1 << 20) / 10, "{usage:?}");
+    assert!(usage.entries <= 110, "{usage:?}");
+}
+
+#[tokio::test]
 async fn memory_store_expires_by_the_injected_clock() {
     let clock = Arc::new(ManualClock::new(T0));
     let store = MemoryStore::with_clock(1 << 20, clock.clone());
