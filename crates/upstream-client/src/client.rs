@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use breaker::{Clock, Idempotence, MonotonicClock, Permit, Snapshot, State, Stop};
 use bytes::{Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, HeaderMap, HeaderName, HeaderValue};
+use http::header::{CONTENT_LENGTH, HOST, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, Uri};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
@@ -498,6 +498,10 @@ impl UpstreamClient {
             headers::outbound(client_headers, &inner.injected, inner.url_auth.as_ref())?;
         if body.is_empty() && method_expects_body(method) {
             headers.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+        }
+        // Otherwise hyper-util formats the same value for every request.
+        if let Some(host) = inner.base.host() {
+            headers.insert(HOST, host.clone());
         }
         Ok(headers)
     }

@@ -1,8 +1,8 @@
 //! Joining the upstream's base URL with a client's path and query.
 
 use bytes::Bytes;
-use http::Uri;
 use http::uri::{self, Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Uri};
 use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
 use url::{Position, Url};
 
@@ -46,6 +46,10 @@ pub(crate) struct Base {
     /// `Authorization`, see `headers::basic_auth`).
     scheme: Scheme,
     authority: Authority,
+    /// For an `http` base, the `Host` header of every request (`host[:port]`, as hyper-util
+    /// would build it per request). `None` for `https`: ALPN may pick HTTP/2 there, which
+    /// carries the authority in `:authority`, and a `Host` set here would be sent as well.
+    host: Option<HeaderValue>,
 }
 
 impl Base {
@@ -72,6 +76,11 @@ impl Base {
             None => Authority::try_from(host),
         }
         .map_err(|_| UpstreamError::config("base_url host is not a valid HTTP authority"))?;
+        // The pool speaks HTTP/2 only when TLS negotiates it (see `transport::pool`), so a
+        // plain-HTTP connection is always HTTP/1, where hyper-util keeps a `Host` it is given.
+        let host = (scheme == Scheme::HTTP)
+            .then(|| HeaderValue::from_str(authority.as_str()).ok())
+            .flatten();
         let mut url = url.clone();
         let prefix = url.path().trim_end_matches('/').to_owned();
         let query = url.query().filter(|q| !q.is_empty()).map(str::to_owned);
@@ -82,6 +91,7 @@ impl Base {
             query,
             scheme,
             authority,
+            host,
         })
     }
 
@@ -106,6 +116,12 @@ impl Base {
         parts.path_and_query = Some(path_and_query);
         Uri::from_parts(parts)
             .map_err(|_| UpstreamError::invalid("path or query is not a valid request target"))
+    }
+
+    /// The `Host` header to send, if it is known before a connection is chosen: for `http`
+    /// bases (always HTTP/1). For `https` the pool adds it on HTTP/1 connections only.
+    pub(crate) fn host(&self) -> Option<&HeaderValue> {
+        self.host.as_ref()
     }
 
     /// What `join` puts after the authority, for a `path` that passed `check_path` and has
