@@ -395,6 +395,12 @@ impl Limits {
         let Some(key) = identity.key().filter(|_| called_upstream) else {
             return;
         };
+        let has_budget = key.daily_budget_micros.is_some() || key.monthly_budget_micros.is_some();
+        let spends = has_budget && cost > 0.0;
+        // Most misses count nothing here either (hits count at admission, no budget).
+        if admission.count_after.is_empty() && !spends {
+            return;
+        }
         let subject = identity.subject();
         let now = crate::keys::now_millis();
         let requests = requests_counter(&subject);
@@ -417,8 +423,7 @@ impl Limits {
                 );
             }
         }
-        let has_budget = key.daily_budget_micros.is_some() || key.monthly_budget_micros.is_some();
-        if has_budget && cost > 0.0 {
+        if spends {
             let micros = keystore::money::to_micros(cost).unwrap_or(0);
             let spend = spend_counter(&subject);
             for window in [Window::Day, Window::Month] {

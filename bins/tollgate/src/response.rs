@@ -62,11 +62,6 @@ struct ReplayHeaders(Box<[(HeaderName, HeaderValue)]>);
 impl ReplayHeaders {
     /// The entry's headers that are valid HTTP (anything else is skipped, as it always was).
     fn of(entry: &Entry) -> ReplayHeaders {
-        let names: Vec<Option<HeaderName>> = entry
-            .headers
-            .iter()
-            .map(|(k, _)| HeaderName::try_from(k.as_str()).ok())
-            .collect();
         let mut values = BytesMut::with_capacity(entry.headers.iter().map(|(_, v)| v.len()).sum());
         for (_, v) in &entry.headers {
             values.extend_from_slice(v.as_bytes());
@@ -74,14 +69,14 @@ impl ReplayHeaders {
         let values = values.freeze();
         let mut start = 0;
         let mut pairs = Vec::with_capacity(entry.headers.len());
-        for (name, (_, v)) in names.into_iter().zip(&entry.headers) {
-            let end = start + v.len();
-            let value = HeaderValue::from_maybe_shared(values.slice(start..end));
-            start = end;
-            if let (Some(name), Ok(value)) = (name, value) {
-                pairs.push((name, value));
-            }
-        }
+        pairs.extend(entry.headers.iter().filter_map(|(k, v)| {
+            let value = values.slice(start..start + v.len());
+            start += v.len();
+            Some((
+                HeaderName::try_from(k.as_str()).ok()?,
+                HeaderValue::from_maybe_shared(value).ok()?,
+            ))
+        }));
         ReplayHeaders(pairs.into_boxed_slice())
     }
 }

@@ -45,6 +45,28 @@ struct Harness {
     cache: Cache<String>,
 }
 
+/// Entry number `i` of a memory-store test (its own signature), with a 2xx status, and its key.
+fn numbered_entry(
+    i: u64,
+    headers: Vec<(String, String)>,
+    body: Bytes,
+    policy: &CachePolicy,
+) -> (CacheKey, Entry) {
+    let signature = format!("v1\nGET\nup\n/r\ni={i}\n-");
+    let entry = Entry::new(
+        signature.as_str(),
+        "up",
+        "/r",
+        200,
+        headers,
+        body,
+        0.0,
+        policy,
+        T0,
+    );
+    (CacheKey::of(&signature), entry)
+}
+
 fn harness() -> Harness {
     harness_with(|b| b)
 }
@@ -812,23 +834,9 @@ async fn memory_store_stays_within_its_byte_bound() {
     let mut inserted = 0u64;
     let mut i = 0u64;
     while inserted < 10 * max_bytes {
-        let signature = format!("v1\nGET\nup\n/r\ni={i}\n-");
-        let e = Entry::new(
-            signature.as_str(),
-            "up",
-            "/r",
-            200,
-            vec![],
-            payload.clone(),
-            0.0,
-            &policy(3600, 0, 0),
-            T0,
-        );
+        let (key, e) = numbered_entry(i, vec![], payload.clone(), &policy(3600, 0, 0));
         inserted += e.weight() as u64;
-        store
-            .put(CacheKey::of(&signature), Arc::new(e))
-            .await
-            .expect("put");
+        store.put(key, Arc::new(e)).await.expect("put");
         i += 1;
     }
     store.run_pending_tasks();
@@ -852,24 +860,16 @@ async fn a_store_counting_prepared_counts_the_embedders_bytes_too() {
     let counting = MemoryStore::counting_prepared(1 << 20, prepared);
     let mut weight = 0;
     for i in 0..50 {
-        let signature = format!("v1\nGET\nup\n/r\ni={i}\n-");
-        let e = Arc::new(Entry::new(
-            signature.as_str(),
-            "up",
-            "/r",
-            200,
+        let (key, e) = numbered_entry(
+            i,
             vec![("content-type".into(), "application/json".into())],
             Bytes::from(vec![b'x'; 600]),
-            0.0,
             &CachePolicy::default(),
-            T0,
-        ));
+        );
+        let e = Arc::new(e);
         weight += e.weight() as u64;
         for store in [&plain, &counting] {
-            store
-                .put(CacheKey::of(&signature), Arc::clone(&e))
-                .await
-                .expect("put");
+            store.put(key, Arc::clone(&e)).await.expect("put");
         }
     }
     let plain = plain.usage().await.expect("usage");
@@ -883,22 +883,13 @@ async fn a_store_counting_prepared_counts_the_embedders_bytes_too() {
     // The cap bounds both together: 1 MiB holds about 1 MiB / (weight + 10,000) entries.
     let capped = MemoryStore::counting_prepared(1 << 20, prepared);
     for i in 0..1_000 {
-        let signature = format!("v1\nGET\nup\n/r\ni={i}\n-");
-        let e = Entry::new(
-            signature.as_str(),
-            "up",
-            "/r",
-            200,
+        let (key, e) = numbered_entry(
+            i,
             vec![],
             Bytes::from(vec![b'x'; 600]),
-            0.0,
             &CachePolicy::default(),
-            T0,
         );
-        capped
-            .put(CacheKey::of(&signature), Arc::new(e))
-            .await
-            .expect("put");
+        capped.put(key, Arc::new(e)).await.expect("put");
     }
     capped.run_pending_tasks();
     let usage = capped.usage().await.expect("usage");

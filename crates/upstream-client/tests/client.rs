@@ -8,24 +8,10 @@ use bytes::Bytes;
 use mock_upstream::MockUpstream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use upstream_client::{OutboundRequest, UpstreamClient, UpstreamError, UpstreamSettings};
+mod common;
 
-fn settings(base: &str) -> UpstreamSettings {
-    let mut s = UpstreamSettings::new("test", base.parse().unwrap());
-    s.connect_timeout = Duration::from_secs(2);
-    s.timeout = Duration::from_secs(5);
-    s
-}
-
-fn client(base: &str) -> UpstreamClient {
-    UpstreamClient::new(settings(base)).unwrap()
-}
-
-fn owned(list: &[(&str, &str)]) -> Vec<(String, String)> {
-    list.iter()
-        .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
-        .collect()
-}
+use common::{client, owned, settings};
+use upstream_client::{OutboundRequest, UpstreamClient, UpstreamError};
 
 async fn get(
     c: &UpstreamClient,

@@ -21,6 +21,9 @@ use mock_upstream::{MockUpstream, RecordedRequest};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
+mod common;
+
+use common::owned;
 use upstream_client::{OutboundRequest, UpstreamClient, UpstreamError, UpstreamSettings};
 
 const LEAF_PEM: &[u8] = include_bytes!("tls/localhost.pem");
@@ -29,22 +32,15 @@ const CA_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tls/ca.pem");
 /// Set in the child process that trusts the test CA (see [`run_trusting_test_ca`]).
 const CHILD: &str = "UPSTREAM_CLIENT_TEST_TRUSTS_TEST_CA";
 
+/// [`common::settings`] without retries: what is on the wire is one attempt's.
 fn settings(base: &str) -> UpstreamSettings {
-    let mut s = UpstreamSettings::new("test", base.parse().unwrap());
-    s.connect_timeout = Duration::from_secs(2);
-    s.timeout = Duration::from_secs(5);
+    let mut s = common::settings(base);
     s.resilience.retry = None;
     s
 }
 
 fn client(base: &str) -> UpstreamClient {
     UpstreamClient::new(settings(base)).unwrap()
-}
-
-fn owned(list: &[(&str, &str)]) -> Vec<(String, String)> {
-    list.iter()
-        .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
-        .collect()
 }
 
 /// Every value of header `name` (lower-case) the request carried, in order.

@@ -133,11 +133,6 @@ impl CounterKey {
             start: window.window_start(now),
         }
     }
-
-    /// When this counter's window ends.
-    pub(crate) fn end(&self) -> UnixMillis {
-        self.window.window_end(self.start)
-    }
 }
 
 /// A counter's identity as the stores' maps find it: a [`CounterKey`], or a [`CounterRef`]

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use deadpool_redis::redis::{self, Script};
 
 use super::sql::QuotaDb;
-use super::{CounterKey, QuotaDecision, QuotaStore, Window};
+use super::{CounterId, CounterKey, QuotaDecision, QuotaStore, Window};
 use crate::backend::RedisBackend;
 use crate::clock::UnixMillis;
 use crate::error::{RateLimitError, Result};
