@@ -16,6 +16,7 @@ use upstream_client::{OutboundRequest, UpstreamClient, UpstreamError, UpstreamSe
 
 use crate::config::{Config, RouteConfig, UpstreamConfig};
 use crate::error::ApiError;
+use crate::keymemo::KeyMemo;
 use crate::metrics::{Metrics, Outcome, RouteMetrics};
 
 /// One configured route, ready to serve.
@@ -209,15 +210,16 @@ impl Gateway {
         let cacheable =
             route.cache && matches!(key_method, "GET" | "POST") && route.allows(key_method);
         let body = (key_method != "GET").then_some(&req.body[..]);
-        let normalized = route
-            .normalizer
-            .normalize(&up.name, key_method, req.path, req.query, body);
-        if cacheable
-            && !req.force_refresh
-            && let Some(hit) = self.cache.peek_fresh(&normalized.signature)
-        {
-            return Ok(hit);
-        }
+        let peeked = normalized_then(up, route, key_method, req.path, req.query, body, |n| {
+            let hit = (cacheable && !req.force_refresh)
+                .then(|| self.cache.peek_fresh(&n.signature))
+                .flatten();
+            hit.ok_or_else(|| n.clone())
+        });
+        let normalized = match peeked {
+            Ok(hit) => return Ok(hit),
+            Err(normalized) => normalized,
+        };
         // Built past the hit: its two `Arc` clones are shared counters every worker bumps.
         let cache_req = CacheRequest {
             signature: normalized.signature,
@@ -339,6 +341,42 @@ fn prewarm_spacing(route: &RouteRuntime) -> Duration {
 /// How long after a prewarm pass the next one starts: before the entries expire.
 pub fn prewarm_interval(route: &RouteRuntime) -> Duration {
     (route.policy.ttl.mul_f64(0.8)).max(Duration::from_secs(1))
+}
+
+/// Slots of each worker thread's [`KeyMemo`]: about 100 KiB each when empty, 2 MiB at most.
+const KEY_MEMO_SLOTS: usize = 1024;
+
+thread_local! {
+    /// This worker's memo of recent GETs' normalized forms.
+    static KEY_MEMO: std::cell::RefCell<KeyMemo<RouteRuntime>> =
+        std::cell::RefCell::new(KeyMemo::new(KEY_MEMO_SLOTS));
+}
+
+/// Calls `f` with the request's normalized form: from this thread's memo for a GET, else
+/// normalized for this call.
+fn normalized_then<T>(
+    up: &UpstreamRuntime,
+    route: &Arc<RouteRuntime>,
+    method: &str,
+    path: &str,
+    query: &str,
+    body: Option<&[u8]>,
+    f: impl FnOnce(&cache_core::Normalized) -> T,
+) -> T {
+    let normalize = || {
+        route
+            .normalizer
+            .normalize(&up.name, method, path, query, body)
+    };
+    // The memo does not key by method or body: only a GET without one is remembered.
+    if method != "GET" || body.is_some() || !KeyMemo::<RouteRuntime>::remembers(path, query) {
+        return f(&normalize());
+    }
+    KEY_MEMO.with(|memo| match memo.try_borrow_mut() {
+        Ok(mut memo) => f(memo.get_or_insert(route, &up.name, path, query, normalize)),
+        // Not expected (nothing in `f` normalizes), but never a panic for it.
+        Err(_) => f(&normalize()),
+    })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -9,6 +9,7 @@ mod db;
 mod error;
 mod gateway;
 mod http;
+mod keymemo;
 mod keys;
 mod limits;
 mod metrics;
