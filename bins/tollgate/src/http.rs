@@ -25,7 +25,7 @@ pub struct AppState {
     /// The shared Redis, when configured (pinged by `/ready`).
     pub redis: Option<ratelimit::RedisBackend>,
     request_prefix: u32,
-    request_counter: AtomicU64,
+    request_numbers: RequestNumbers,
 }
 
 impl AppState {
@@ -41,7 +41,7 @@ impl AppState {
             l2_backend,
             redis,
             request_prefix: rand::random(),
-            request_counter: AtomicU64::new(0),
+            request_numbers: RequestNumbers::new(),
         }
     }
 
@@ -56,8 +56,49 @@ impl AppState {
         {
             return RequestId::from_client(v);
         }
-        let n = self.request_counter.fetch_add(1, Ordering::Relaxed);
-        RequestId::generated(self.request_prefix, n)
+        RequestId::generated(self.request_prefix, self.request_numbers.next())
+    }
+}
+
+/// Numbers for generated request ids: unique per instance, not in order across threads. Each
+/// thread takes a block of them at a time, so requests share one atomic add per block, not one
+/// each.
+struct RequestNumbers {
+    /// Tells this instance's blocks from another's in a thread's [`ID_BLOCK`].
+    id: u64,
+    counter: AtomicU64,
+}
+
+/// Request numbers a thread takes at a time.
+const ID_BLOCK_SIZE: u64 = 1024;
+
+thread_local! {
+    /// This thread's block of request numbers: (the `RequestNumbers::id` it is of, next, end).
+    static ID_BLOCK: std::cell::Cell<(u64, u64, u64)> = const { std::cell::Cell::new((0, 0, 0)) };
+}
+
+impl RequestNumbers {
+    fn new() -> RequestNumbers {
+        /// Numbers every instance, from 1 (0 is none's).
+        static IDS: AtomicU64 = AtomicU64::new(1);
+        RequestNumbers {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    /// A number no other call on this instance has had.
+    fn next(&self) -> u64 {
+        ID_BLOCK.with(|block| {
+            let (id, next, end) = block.get();
+            if id == self.id && next < end {
+                block.set((id, next + 1, end));
+                return next;
+            }
+            let start = self.counter.fetch_add(ID_BLOCK_SIZE, Ordering::Relaxed);
+            block.set((self.id, start + 1, start + ID_BLOCK_SIZE));
+            start
+        })
     }
 }
 
@@ -620,6 +661,42 @@ mod tests {
     use cache_core::{CacheStatus, Entry, Served};
 
     use super::*;
+
+    #[test]
+    fn request_numbers_are_unique_across_threads_and_instances() {
+        let a = Arc::new(RequestNumbers::new());
+        let b = RequestNumbers::new();
+        // Four threads take more than a block each from `a`; this thread alternates a and b.
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let a = Arc::clone(&a);
+                std::thread::spawn(move || (0..3000).map(|_| a.next()).collect::<Vec<_>>())
+            })
+            .collect();
+        let mut from_a: Vec<u64> = Vec::new();
+        let mut from_b: Vec<u64> = Vec::new();
+        for _ in 0..1500 {
+            from_a.push(a.next());
+            from_b.push(b.next());
+        }
+        for t in threads {
+            from_a.extend(t.join().expect("thread"));
+        }
+        let n = from_a.len();
+        from_a.sort_unstable();
+        from_a.dedup();
+        assert_eq!(from_a.len(), n, "a number given twice");
+        // b's blocks are its own: alternating with a in one thread skips numbers, never
+        // repeats one.
+        let n = from_b.len();
+        from_b.sort_unstable();
+        from_b.dedup();
+        assert_eq!(from_b.len(), n, "b gave a number twice");
+        // Used alone in a thread, an instance counts 0, 1, 2, … across its blocks.
+        let c = RequestNumbers::new();
+        let from_c: Vec<u64> = (0..3000).map(|_| c.next()).collect();
+        assert_eq!(from_c, (0..3000).collect::<Vec<u64>>());
+    }
 
     #[test]
     fn own_endpoints_are_the_reserved_first_segments() {

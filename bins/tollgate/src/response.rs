@@ -36,7 +36,12 @@ impl RequestId {
         for (i, b) in buf[8..].iter_mut().enumerate() {
             *b = HEX[((n >> (44 - 4 * i)) & 0xf) as usize];
         }
-        RequestId(HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0")))
+        // Owned by its `Bytes`, so the clone that answers with it shares it (a copied slice
+        // would allocate again on its first clone).
+        RequestId(
+            HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+                .unwrap_or(HeaderValue::from_static("0")),
+        )
     }
 }
 
@@ -99,7 +104,8 @@ pub fn replay_weight(entry: &Entry) -> usize {
 pub fn respond(served: &Served, rid: &RequestId) -> HttpResponse {
     let entry = &served.entry;
     let status = StatusCode::from_u16(entry.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    let mut b = HttpResponse::build(status);
+    // For HEAD, actix sends the headers (Content-Length included) and drops the body.
+    let mut resp = HttpResponse::with_body(status, entry.body.clone()).map_into_boxed_body();
     let owned;
     let replay = match entry.prepared.get_or_init(|| ReplayHeaders::of(entry)) {
         Some(r) => r,
@@ -108,15 +114,17 @@ pub fn respond(served: &Served, rid: &RequestId) -> HttpResponse {
             &owned
         }
     };
+    // Straight into the map: the builder converts and checks every pair again.
+    let headers = resp.headers_mut();
     for (k, v) in replay.0.iter() {
-        b.append_header((k.clone(), v.clone()));
+        headers.append(k.clone(), v.clone());
     }
-    b.insert_header((
+    headers.insert(
         X_CACHE.clone(),
         HeaderValue::from_static(served.status.as_str()),
-    ));
+    );
     if matches!(served.status, CacheStatus::Hit | CacheStatus::Stale) {
-        b.insert_header((actix_web::http::header::AGE, served.age_secs));
+        headers.insert(actix_web::http::header::AGE, age(served.age_secs));
     }
     // HIT and STALE answers cost the client nothing, even when a failed call stood behind them.
     let cost = match served.status {
@@ -128,10 +136,34 @@ pub fn respond(served: &Served, rid: &RequestId) -> HttpResponse {
     } else {
         HeaderValue::from_str(&format_cost(cost)).unwrap_or(HeaderValue::from_static("0"))
     };
-    b.insert_header((X_UPSTREAM_COST.clone(), cost));
-    b.insert_header((X_REQUEST_ID.clone(), rid.header()));
-    // For HEAD, actix sends the headers (Content-Length included) and drops the body.
-    b.body(entry.body.clone())
+    headers.insert(X_UPSTREAM_COST.clone(), cost);
+    headers.insert(X_REQUEST_ID.clone(), rid.header());
+    resp
+}
+
+/// Ages below this are answered from one static text, without formatting or allocating.
+const STATIC_AGES: u64 = 10_000;
+
+/// An `Age` value.
+fn age(secs: u64) -> HeaderValue {
+    /// "0123456789101112…9999": every age below [`STATIC_AGES`], one after another.
+    static DIGITS: std::sync::LazyLock<&'static str> = std::sync::LazyLock::new(|| {
+        let text: String = (0..STATIC_AGES).map(|n| n.to_string()).collect();
+        Box::leak(text.into_boxed_str())
+    });
+    // where the numbers of each length start, and how many digits they have
+    let (start, first, len) = match secs {
+        0..10 => (0, 0, 1),
+        10..100 => (10, 10, 2),
+        100..1_000 => (190, 100, 3),
+        1_000..STATIC_AGES => (2_890, 1_000, 4),
+        _ => return HeaderValue::from(secs),
+    };
+    let at = start + (secs - first) as usize * len;
+    match DIGITS.get(at..at + len) {
+        Some(digits) => HeaderValue::from_static(digits),
+        None => HeaderValue::from(secs),
+    }
 }
 
 /// A cost as a header value: plain decimal, no exponent, no trailing zeros.
@@ -141,4 +173,25 @@ pub fn format_cost(cost: f64) -> String {
     }
     let s = format!("{cost:.6}");
     s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[allow(unused_imports)] // `benches/respond.rs` compiles this file, and not its tests
+    use super::*;
+
+    #[test]
+    fn every_age_is_its_decimal_text() {
+        for secs in (0..STATIC_AGES + 20).chain([u64::from(u32::MAX), u64::MAX]) {
+            assert_eq!(age(secs).to_str().ok(), Some(secs.to_string().as_str()));
+        }
+    }
+
+    #[test]
+    fn generated_ids_survive_their_clones() {
+        let id = RequestId::generated(0xdead_beef, 0x1234_5678_9abc);
+        let header = id.header();
+        drop(id);
+        assert_eq!(header.to_str().ok(), Some("deadbeef123456789abc"));
+    }
 }
