@@ -481,6 +481,64 @@ async fn unknown_upstreams_routes_and_methods() {
     assert_eq!(mock.calls(), 0);
 }
 
+// The gateway's own endpoints answer only their exact method and path (after re-quoting);
+// anything else under a reserved first segment is the proxy's JSON 404, never a call upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_endpoints_match_method_and_path_exactly() {
+    let (mock, gw) = setup("", &[route("/*", "ttl = \"60s\"")]).await;
+    let admin = |m: Method, p: &str| gw.request(m, p).bearer_auth(ADMIN_TOKEN);
+    assert_status(&gw.get("/health").await, 200);
+    assert_status(&gw.get("/health?probe=1").await, 200);
+    assert_status(&gw.send(admin(Method::GET, "/admin/keys")).await, 200);
+    // `%6B` is `k`: actix's re-quoting decodes it before the path is compared.
+    assert_status(&gw.send(admin(Method::GET, "/admin/%6Beys")).await, 200);
+    for (method, path) in [
+        (Method::POST, "/health"),
+        (Method::GET, "/health/"),
+        (Method::GET, "/health/x"),
+        (Method::GET, "/admin"),
+        (Method::GET, "/admin/other"),
+        (Method::GET, "/admin/cache/purge"),
+        (Method::DELETE, "/admin/keys/"),
+        (Method::DELETE, "/admin/keys/a/b"),
+    ] {
+        let r = gw.send(gw.request(method.clone(), path)).await;
+        assert_eq!(r.status, 404, "{method} {path}: {}", r.text());
+        r.assert_error(404, "not_found");
+    }
+    // A percent-encoded reserved name is an upstream's name (and there is none).
+    let r = gw.get("/%68ealth").await;
+    r.assert_error(404, "not_found");
+    assert!(r.text().contains("%68ealth"), "{}", r.text());
+    // The key id is one path segment, percent-decoded, named in the error as sent.
+    let r = gw
+        .send(admin(Method::DELETE, "/admin/keys/no%20such"))
+        .await;
+    r.assert_error(404, "not_found");
+    assert!(r.text().contains(r#"no key \"no such\""#), "{}", r.text());
+    let id = gw
+        .create_key(&serde_json::json!({"name": "dispatch"}))
+        .await["id"]
+        .as_str()
+        .expect("an id")
+        .to_string();
+    let r = gw
+        .send(admin(Method::DELETE, &format!("/admin/keys/{id}")))
+        .await;
+    assert_status(&r, 200);
+    assert_eq!(r.json()["revoked"], true);
+    // The body limit still applies to the admin API's bodies.
+    let r = gw
+        .send(
+            admin(Method::POST, "/admin/cache/purge")
+                .header("content-length", "99999999")
+                .body("x"),
+        )
+        .await;
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!(mock.calls(), 0);
+}
+
 /// Sends a chunked POST of `total` bytes over a raw socket and returns the status code of the
 /// answer; the gateway may answer (and close) before the body is sent.
 async fn chunked_post_status(gw: &Gateway, path: &str, total: usize) -> u16 {
