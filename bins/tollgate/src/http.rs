@@ -131,21 +131,22 @@ static KEY_BY_ID: std::sync::LazyLock<ResourceDef> =
 /// would (paths compared after its re-quoting, the key id percent-decoded); anything else there
 /// goes to the proxy, which answers a JSON 404 (no upstream has a reserved name).
 async fn own(mut sreq: ServiceRequest) -> Result<ServiceResponse, actix_web::Error> {
-    let endpoint = match (sreq.method().clone(), sreq.match_info().unprocessed()) {
-        (Method::GET, "/health") => Own::Health,
-        (Method::GET, "/ready") => Own::Ready,
-        (Method::GET, "/metrics") => Own::Metrics,
-        (Method::POST, "/admin/cache/purge") => Own::Purge,
-        (Method::GET, "/admin/breakers") => Own::Breakers,
-        (Method::POST, "/admin/keys") => Own::CreateKey,
-        (Method::GET, "/admin/keys") => Own::ListKeys,
-        (Method::DELETE, _) => Own::RevokeKey,
-        _ => Own::Proxy,
-    };
-    let endpoint = match endpoint {
-        Own::RevokeKey if !KEY_BY_ID.capture_match_info(sreq.match_info_mut()) => Own::Proxy,
-        other => other,
-    };
+    // The key id is captured into the request's match info, for `web::Path` to decode.
+    let endpoint =
+        if sreq.method() == Method::DELETE && KEY_BY_ID.capture_match_info(sreq.match_info_mut()) {
+            Own::RevokeKey
+        } else {
+            match (sreq.method(), sreq.match_info().unprocessed()) {
+                (&Method::GET, "/health") => Own::Health,
+                (&Method::GET, "/ready") => Own::Ready,
+                (&Method::GET, "/metrics") => Own::Metrics,
+                (&Method::POST, "/admin/cache/purge") => Own::Purge,
+                (&Method::GET, "/admin/breakers") => Own::Breakers,
+                (&Method::POST, "/admin/keys") => Own::CreateKey,
+                (&Method::GET, "/admin/keys") => Own::ListKeys,
+                _ => Own::Proxy,
+            }
+        };
     let (req, mut payload) = sreq.into_parts();
     let Some(state) = req.app_data::<web::Data<AppState>>().cloned() else {
         let resp = ApiError::internal("the gateway's state is missing")

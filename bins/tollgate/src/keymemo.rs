@@ -84,21 +84,17 @@ impl<R> KeyMemo<R> {
             .as_ref()
             .is_some_and(|s| s.is_for(route, upstream, path, query))
         {
-            let mut target = String::with_capacity(path.len() + query.len());
-            target.push_str(path);
-            target.push_str(query);
-            *slot = Some(Slot {
+            *slot = None;
+        }
+        &slot
+            .get_or_insert_with(|| Slot {
                 route: Arc::clone(route),
                 upstream: upstream.into(),
-                target: target.into_boxed_str(),
+                target: [path, query].concat().into_boxed_str(),
                 path_len: path.len(),
                 normalized: normalize(),
-            });
-        }
-        match slot {
-            Some(s) => &s.normalized,
-            None => unreachable!("the slot was just filled"),
-        }
+            })
+            .normalized
     }
 }
 

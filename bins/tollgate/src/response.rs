@@ -141,26 +141,25 @@ pub fn respond(served: &Served, rid: &RequestId) -> HttpResponse {
     resp
 }
 
-/// Ages below this are answered from one static text, without formatting or allocating.
+/// Ages below this are answered from static text, without formatting or allocating.
 const STATIC_AGES: u64 = 10_000;
 
 /// An `Age` value.
 fn age(secs: u64) -> HeaderValue {
-    /// "0123456789101112…9999": every age below [`STATIC_AGES`], one after another.
-    static DIGITS: std::sync::LazyLock<&'static str> = std::sync::LazyLock::new(|| {
-        let text: String = (0..STATIC_AGES).map(|n| n.to_string()).collect();
-        Box::leak(text.into_boxed_str())
+    /// The decimal text of every age below [`STATIC_AGES`], by age: slices of one leaked text.
+    static AGES: std::sync::LazyLock<Box<[&'static str]>> = std::sync::LazyLock::new(|| {
+        let text: &'static str =
+            String::leak((0..STATIC_AGES).map(|n| n.to_string()).collect::<String>());
+        let mut rest = text;
+        (0..STATIC_AGES)
+            .map(|n| {
+                let (digits, tail) = rest.split_at(n.to_string().len());
+                rest = tail;
+                digits
+            })
+            .collect()
     });
-    // where the numbers of each length start, and how many digits they have
-    let (start, first, len) = match secs {
-        0..10 => (0, 0, 1),
-        10..100 => (10, 10, 2),
-        100..1_000 => (190, 100, 3),
-        1_000..STATIC_AGES => (2_890, 1_000, 4),
-        _ => return HeaderValue::from(secs),
-    };
-    let at = start + (secs - first) as usize * len;
-    match DIGITS.get(at..at + len) {
+    match usize::try_from(secs).ok().and_then(|i| AGES.get(i)) {
         Some(digits) => HeaderValue::from_static(digits),
         None => HeaderValue::from(secs),
     }
