@@ -389,7 +389,7 @@ mod sql {
 #[cfg(all(feature = "redis", any(feature = "sqlite", feature = "postgres")))]
 mod redis {
     use super::*;
-    use crate::common::{random_prefix, redis_options, redis_url_or_skip};
+    use crate::common::{live_now, random_prefix, redis_options, redis_url_or_skip};
     use deadpool_redis::redis::AsyncCommands;
     use ratelimit::{QuotaDb, RedisBackend, RedisQuotaOptions, RedisQuotaStore};
 
@@ -404,7 +404,7 @@ mod redis {
     /// keys deleted, as after a restart without persistence) is seeded back from SQL.
     async fn check_restart(redis_url: &str, db: &QuotaDb) {
         let prefix = random_prefix();
-        let now = NOV_23 + HOUR;
+        let now = live_now();
         let first = store(redis_url, db, &prefix);
         assert_eq!(consume(&first, "k", Window::Day, 7, 10, now).await.used, 7);
         first.flush().await.unwrap();
@@ -441,7 +441,7 @@ mod redis {
     /// synced exactly once whichever node syncs.
     async fn check_four_nodes(redis_url: &str, db: &QuotaDb) {
         let prefix = random_prefix();
-        let now = NOV_23 + HOUR;
+        let now = live_now();
         let nodes: Vec<RedisQuotaStore> = (0..4).map(|_| store(redis_url, db, &prefix)).collect();
         let results =
             join_all((0..200).map(|i| nodes[i % 4].consume("acct", Window::Month, 1, 50, now)))
@@ -504,7 +504,7 @@ mod redis {
             let store = store(&redis_url, &db, &prefix);
             let limiter =
                 RedisLimiter::new(store.redis().clone()).with_prefix(format!("{prefix}rl:"));
-            let now = NOV_23 + HOUR;
+            let now = live_now();
             let limit = Limit::new(2, std::time::Duration::from_secs(60));
             let charge = |window, limit| QuotaCharge {
                 subject: "k",

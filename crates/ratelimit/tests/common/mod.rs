@@ -45,6 +45,18 @@ pub fn random_prefix() -> String {
 }
 
 /// `url` with `name=value` added to its query string (`value` must already be percent-encoded).
+/// An hour into the current UTC day (Unix ms) by this machine's clock. Redis expires a quota
+/// counter at its window's end (plus a day of grace) by its own clock, so a test that reads a
+/// counter back from Redis must count in a window that is still open: a fixed date stops
+/// working a day after its window closes.
+pub fn live_now() -> i64 {
+    const DAY: i64 = 86_400_000;
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    ms - ms.rem_euclid(DAY) + 3_600_000
+}
+
 pub fn with_query_param(url: &str, name: &str, value: &str) -> String {
     let sep = if url.contains('?') { '&' } else { '?' };
     format!("{url}{sep}{name}={value}")
