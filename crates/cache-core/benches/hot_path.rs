@@ -76,7 +76,6 @@ fn filled(store: &MemoryStore) -> Signature {
         .normalize("open-meteo", "GET", "/v1/forecast", WEATHER_QUERY, None)
         .signature;
     store.insert_sync(sig.key(), entry(&sig));
-    store.run_pending_tasks();
     sig
 }
 

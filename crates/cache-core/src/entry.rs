@@ -165,13 +165,14 @@ impl Entry {
     /// Approximate bytes this entry occupies in memory; what byte-bounded stores count.
     ///
     /// Measured (`tests/entry_weight.rs`): the entry, its strings and body, and a byte-bounded
-    /// [`MemoryStore`](crate::MemoryStore)'s own record of it held 680 bytes beyond the
-    /// lengths below, and 93 per header, counting what glibc's malloc adds to each
-    /// allocation; the constants leave a little room on top. What an embedder keeps in
+    /// [`MemoryStore`](crate::MemoryStore)'s own record of it held 460 bytes beyond the
+    /// lengths below, and 94 per header, counting what glibc's malloc adds to each
+    /// allocation (20,000 entries); the constants leave room on top, for the tables growing
+    /// in steps. What an embedder keeps in
     /// [`Entry::prepared`] is not counted here: a store counts it with
     /// [`MemoryStore::counting_prepared`](crate::MemoryStore::counting_prepared).
     pub fn weight(&self) -> usize {
-        const OVERHEAD: usize = 720;
+        const OVERHEAD: usize = 540;
         const PER_HEADER: usize = 100;
         OVERHEAD
             + self.body.len()

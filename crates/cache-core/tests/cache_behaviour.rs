@@ -839,7 +839,6 @@ async fn memory_store_stays_within_its_byte_bound() {
         store.put(key, Arc::new(e)).await.expect("put");
         i += 1;
     }
-    store.run_pending_tasks();
     let usage = store.usage().await.expect("usage");
     assert!(
         usage.bytes <= max_bytes + max_bytes / 10,
@@ -891,7 +890,6 @@ async fn a_store_counting_prepared_counts_the_embedders_bytes_too() {
         );
         capped.put(key, Arc::new(e)).await.expect("put");
     }
-    capped.run_pending_tasks();
     let usage = capped.usage().await.expect("usage");
     assert!(usage.bytes <= (1 << 20) + (1 << 20) / 10, "{usage:?}");
     assert!(usage.entries <= 110, "{usage:?}");
