@@ -436,8 +436,24 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
     {
         let inner = Arc::clone(&self.inner);
         // The fetch runs in the span of the request that started it (its request id in logs).
+        let mut call = Box::pin(tracing::Instrument::in_current_span(fetch()));
+        // Polled once here, on the leader's own task, before it is spawned: the upstream call
+        // is under way before this thread turns to the requests that arrived with this one (a
+        // new task waits for them, and under a stampede those are hundreds). The spawned task
+        // polls it again with its own waker, so no wake-up can be lost to the no-op one.
+        let first = match call
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+        {
+            std::task::Poll::Ready(result) => Some(result),
+            std::task::Poll::Pending => None,
+        };
         let task = async move {
-            let result = match fetch().await {
+            let fetched = match first {
+                Some(result) => result,
+                None => call.await,
+            };
+            let result = match fetched {
                 Err(e) => Flight::Failed(e),
                 Ok(f) => {
                     let now = inner.clock.now_millis();

@@ -240,6 +240,36 @@ async fn miss_then_hit_fetches_once() {
     assert_eq!(up.calls(), 2);
 }
 
+/// The leader starts the upstream call while the request is first polled, not when the
+/// runtime gets round to a new task: under a stampede that runtime has hundreds of requests
+/// to parse first.
+#[tokio::test(flavor = "current_thread")]
+async fn the_upstream_call_starts_on_the_leaders_own_poll() {
+    let h = harness();
+    let started = Arc::new(AtomicUsize::new(0));
+    let (release, gate) = tokio::sync::oneshot::channel::<()>();
+    let fetch = {
+        let started = Arc::clone(&started);
+        move || -> FetchFuture {
+            Box::pin(async move {
+                started.fetch_add(1, Ordering::SeqCst);
+                let _ = gate.await;
+                ok("late")
+            })
+        }
+    };
+    let mut serving = std::pin::pin!(h.cache.serve(request("q=1", policy(60, 0, 0)), fetch));
+    // One poll of the request, and no turn of the scheduler: the call has begun.
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(serving.as_mut().poll(cx))).await;
+    assert!(first.is_pending());
+    assert_eq!(started.load(Ordering::SeqCst), 1);
+    release.send(()).expect("the fetch waits");
+    let s = served(serving.await);
+    assert_eq!((s.status, body(&s)), (CacheStatus::Miss, &b"late"[..]));
+    assert!(s.stored);
+    assert_eq!(started.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test]
 async fn different_requests_do_not_share_an_entry() {
     let h = harness();
