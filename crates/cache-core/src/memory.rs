@@ -81,7 +81,9 @@ impl MemoryStore {
     /// A store of at most `max_bytes` that counts, beside each entry's
     /// [`weight`](Entry::weight), the bytes `prepared(entry)` says the embedder keeps in its
     /// [`Entry::prepared`] slot. It is asked when the entry is stored, usually before the slot
-    /// is filled: an estimate of what the embedder will put there.
+    /// is filled: an estimate of what the embedder will put there. It runs under a shard's
+    /// write lock, so it must not panic (a panic there would poison the shard for every later
+    /// lookup).
     pub fn counting_prepared(max_bytes: u64, prepared: PreparedWeight) -> Self {
         Self::build(max_bytes, Arc::new(SystemClock), prepared)
     }
@@ -97,8 +99,6 @@ impl MemoryStore {
                     .clamp(64, 1 << 20),
             )
             .build();
-        // Every option above is set, so `build` cannot fail; if it ever did, the defaults for
-        // the same cap are the next best thing.
         let cache = match options {
             Ok(options) => Map::with_options(
                 options,
@@ -106,13 +106,8 @@ impl MemoryStore {
                 foldhash::fast::RandomState::default(),
                 DefaultLifecycle::default(),
             ),
-            Err(_) => Map::with(
-                usize::try_from(max_bytes / TYPICAL_ENTRY_BYTES).unwrap_or(usize::MAX),
-                max_bytes,
-                Weight(prepared),
-                foldhash::fast::RandomState::default(),
-                DefaultLifecycle::default(),
-            ),
+            // `build` fails only for an option left unset, and every one is set above.
+            Err(e) => unreachable!("quick_cache options: {e}"),
         };
         MemoryStore {
             cache: Arc::new(cache),
