@@ -44,7 +44,6 @@ pub fn random_prefix() -> String {
     format!("t:{}:", uuid::Uuid::new_v4().simple())
 }
 
-/// `url` with `name=value` added to its query string (`value` must already be percent-encoded).
 /// An hour into the current UTC day (Unix ms) by this machine's clock. Redis expires a quota
 /// counter at its window's end (plus a day of grace) by its own clock, so a test that reads a
 /// counter back from Redis must count in a window that is still open: a fixed date stops
@@ -57,6 +56,7 @@ pub fn live_now() -> i64 {
     ms - ms.rem_euclid(DAY) + 3_600_000
 }
 
+/// `url` with `name=value` added to its query string (`value` must already be percent-encoded).
 pub fn with_query_param(url: &str, name: &str, value: &str) -> String {
     let sep = if url.contains('?') { '&' } else { '?' };
     format!("{url}{sep}{name}={value}")
