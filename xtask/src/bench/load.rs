@@ -179,6 +179,17 @@ pub enum Paths {
         /// E.g. `/bench/miss/item?k=r1-`.
         prefix: String,
     },
+    /// `prefix` followed by every key of `0..keys` once: worker `w` of `stride` asks for keys
+    /// `w`, `w + stride`, … (built-in generator only; run it with `max_requests = keys` and
+    /// `stride` connections, and past the last key a worker asks for a low key again).
+    Sweep {
+        /// E.g. `/bench/zipf/item?id=`.
+        prefix: String,
+        /// How many keys.
+        keys: usize,
+        /// The run's connections.
+        stride: usize,
+    },
     /// Each request picks one of `parts` with probability proportional to its share (built-in
     /// generator only).
     Mix {
@@ -238,6 +249,15 @@ impl<'a> PathGen<'a> {
                 format!("{prefix}{}", zipf_pick(cdf, self.rng.next_f64()))
             }
             Paths::Unique { prefix } => format!("{prefix}{}-{}", self.worker, self.n),
+            Paths::Sweep {
+                prefix,
+                keys,
+                stride,
+            } => {
+                let key =
+                    (self.worker as u64 + *stride as u64 * (self.n - 1)) % (*keys).max(1) as u64;
+                format!("{prefix}{key}")
+            }
             Paths::Mix { parts, .. } => {
                 let total: f64 = parts.iter().map(|p| p.share).sum();
                 let mut u = self.rng.next_f64() * total;
@@ -1177,8 +1197,8 @@ impl Wrk<'_> {
     /// Runs wrk and parses its summary.
     pub fn run(&self) -> anyhow::Result<LoadResult> {
         check_loopback(self.addr)?;
-        if matches!(self.paths, Paths::Mix { .. }) {
-            bail!("mixed paths need the built-in generator");
+        if matches!(self.paths, Paths::Mix { .. } | Paths::Sweep { .. }) {
+            bail!("mixed and swept paths need the built-in generator");
         }
         let script = self.dir.join(format!(
             "wrk-{}.lua",
@@ -1337,8 +1357,8 @@ pub fn wrk_script(paths: &Paths) -> String {
          function setup(thread)\n  threads = threads + 1\n  thread:set(\"id\", threads)\nend\n",
     );
     match paths {
-        // Mixed paths are refused by `Wrk::run`.
-        Paths::Fixed(_) | Paths::Mix { .. } => {}
+        // Mixed and swept paths are refused by `Wrk::run`.
+        Paths::Fixed(_) | Paths::Mix { .. } | Paths::Sweep { .. } => {}
         Paths::Zipf {
             prefix,
             cdf_file,
@@ -1422,6 +1442,43 @@ mod tests {
             }
         }
         assert!(seen.len() >= 190, "only {} distinct keys", seen.len());
+    }
+
+    #[test]
+    fn a_sweep_asks_for_every_key() {
+        // Key counts that do and do not divide evenly among the connections.
+        for (keys, connections) in [(100usize, 7usize), (64, 64), (10, 64), (1000, 1)] {
+            let spec = Builtin {
+                addr: "127.0.0.1:1".parse().unwrap(),
+                paths: Paths::Sweep {
+                    prefix: "/k?id=".into(),
+                    keys,
+                    stride: connections,
+                },
+                connections,
+                threads: 1,
+                duration: Duration::from_secs(1),
+                rate: None,
+                timeout: Duration::from_secs(1),
+                max_requests: keys as u64,
+                headers: Vec::new(),
+            };
+            let mut seen = std::collections::BTreeSet::new();
+            for worker in 0..connections {
+                let mut draw = PathGen::new(&spec.paths, worker);
+                for _ in 0..spec.per_worker_max() {
+                    let path = draw.next();
+                    let key: usize = path.strip_prefix("/k?id=").unwrap().parse().unwrap();
+                    assert!(key < keys, "{path}");
+                    seen.insert(key);
+                }
+            }
+            assert_eq!(
+                seen.len(),
+                keys,
+                "{keys} keys over {connections} connections"
+            );
+        }
     }
 
     #[test]

@@ -644,9 +644,9 @@ fn describe(scenario: Scenario, s: &Settings) -> String {
             constant
         ),
         Scenario::Zipf => format!(
-            "{} keys, Zipf s = {}, upstream answers at once; every target warmed {:.0} s with the \
-             same distribution, so the tail still misses (hit ratio = 1 − upstream calls / \
-             requests of the closed-loop run). **req/s**: {}, {d} s. **Latency**: {}, {d} s.",
+            "{} keys, Zipf s = {}, upstream answers at once; every target warmed by asking for \
+             every key once, then {:.0} s of the same distribution (a key a cache evicted still \
+             misses: hit ratio = 1 − upstream calls / requests of the closed-loop run). **req/s**: {}, {d} s. **Latency**: {}, {d} s.",
             s.zipf_keys,
             s.zipf_s,
             s.zipf_warmup.as_secs_f64(),
