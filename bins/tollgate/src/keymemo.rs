@@ -2,9 +2,10 @@
 //! its path and query and hashing its key: about a tenth of the instructions of a hit.
 //!
 //! Normalizing is a pure function of the route (its normalizer), the upstream's name, the
-//! method, the path, the query and the body. A memo is only asked for a GET (no body), and a
-//! slot is only used when every other input is equal to the request's, compared in full; so
-//! what it gives is always what normalizing would give. The hash only picks the slot.
+//! method, the path, the query and the body. A memo is only asked for a GET (no body), a route
+//! belongs to one upstream (so the route, compared by address, stands for its upstream too),
+//! and a slot is only used when the route, path and query are the request's, compared in full;
+//! so what it gives is always what normalizing would give. The hash only picks the slot.
 //!
 //! One memo per worker thread (see `gateway.rs`), so no lock and no shared cache line.
 //! Bounded: a fixed number of slots, direct-mapped (a request takes its slot from whatever was
@@ -16,11 +17,12 @@ use std::sync::Arc;
 use cache_core::Normalized;
 
 /// The longest path + query a memo remembers, in bytes. A slot holds the target about three
-/// times (the target, the signature, the canonical query), so a slot stays under ~2 KiB.
-pub const MAX_TARGET: usize = 512;
+/// times (the target, the signature, the canonical query), so a slot stays under ~1 KiB.
+pub const MAX_TARGET: usize = 256;
 
 /// Recent requests' normalized forms, for one thread. `R` is the route type: a slot holds its
-/// route, so the route's address cannot be reused by another while it is remembered.
+/// route, so the route's address cannot be reused by another while it is remembered. A route
+/// must belong to one upstream.
 pub struct KeyMemo<R> {
     hasher: foldhash::fast::RandomState,
     slots: Box<[Option<Slot<R>>]>,
@@ -28,7 +30,6 @@ pub struct KeyMemo<R> {
 
 struct Slot<R> {
     route: Arc<R>,
-    upstream: Box<str>,
     /// The path, then the query.
     target: Box<str>,
     path_len: usize,
@@ -36,13 +37,12 @@ struct Slot<R> {
 }
 
 impl<R> Slot<R> {
-    fn is_for(&self, route: &Arc<R>, upstream: &str, path: &str, query: &str) -> bool {
+    fn is_for(&self, route: &Arc<R>, path: &str, query: &str) -> bool {
         Arc::ptr_eq(&self.route, route)
             && self.path_len == path.len()
             && self.target.len() == path.len() + query.len()
             && self.target.as_bytes()[..self.path_len] == *path.as_bytes()
             && self.target.as_bytes()[self.path_len..] == *query.as_bytes()
-            && *self.upstream == *upstream
     }
 }
 
@@ -62,13 +62,13 @@ impl<R> KeyMemo<R> {
         path.len() + query.len() <= MAX_TARGET
     }
 
-    /// The normalized form of a GET for `path` and `query` on `route` of `upstream`:
-    /// remembered, else made by `normalize` and remembered in place of its slot's last one.
-    /// `normalize` must be `route`'s normalizer applied to exactly these inputs.
+    /// The normalized form of a GET for `path` and `query` on `route`: remembered, else made
+    /// by `normalize` and remembered in place of its slot's last one. `normalize` must be
+    /// `route`'s normalizer applied to exactly these inputs and the name of the one upstream
+    /// `route` belongs to.
     pub fn get_or_insert(
         &mut self,
         route: &Arc<R>,
-        upstream: &str,
         path: &str,
         query: &str,
         normalize: impl FnOnce() -> Normalized,
@@ -80,16 +80,12 @@ impl<R> KeyMemo<R> {
         h.write(query.as_bytes());
         let i = (h.finish() as usize) & (self.slots.len() - 1);
         let slot = &mut self.slots[i];
-        if !slot
-            .as_ref()
-            .is_some_and(|s| s.is_for(route, upstream, path, query))
-        {
+        if !slot.as_ref().is_some_and(|s| s.is_for(route, path, query)) {
             *slot = None;
         }
         &slot
             .get_or_insert_with(|| Slot {
                 route: Arc::clone(route),
-                upstream: upstream.into(),
                 target: [path, query].concat().into_boxed_str(),
                 path_len: path.len(),
                 normalized: normalize(),
@@ -119,7 +115,7 @@ mod tests {
         let mut memo = KeyMemo::new(64);
         let calls = Cell::new(0);
         for _ in 0..3 {
-            let n = memo.get_or_insert(&route, "up", "/a", "x=1", || {
+            let n = memo.get_or_insert(&route, "/a", "x=1", || {
                 calls.set(calls.get() + 1);
                 route.normalize("up", "GET", "/a", "x=1", None)
             });
@@ -132,12 +128,14 @@ mod tests {
     fn every_input_tells_requests_apart() {
         let a = Arc::new(normalizer(&[]));
         let b = Arc::new(normalizer(&["x"]));
+        // The same rules on a route of another upstream: a route of its own.
+        let c = Arc::new(normalizer(&[]));
         // (route, upstream, path, query): each differs from the first in one input, including
         // a path/query split of the same bytes.
         let cases: [(&Arc<Normalizer>, &str, &str, &str); 6] = [
             (&a, "up", "/a", "x=1"),
             (&b, "up", "/a", "x=1"),
-            (&a, "other", "/a", "x=1"),
+            (&c, "other", "/a", "x=1"),
             (&a, "up", "/b", "x=1"),
             (&a, "up", "/a", "x=2"),
             (&a, "up", "/ax", "=1"),
@@ -147,7 +145,7 @@ mod tests {
         for round in 0..2 {
             for (route, up, path, query) in cases {
                 let expected = route.normalize(up, "GET", path, query, None);
-                let got = memo.get_or_insert(route, up, path, query, || {
+                let got = memo.get_or_insert(route, path, query, || {
                     route.normalize(up, "GET", path, query, None)
                 });
                 assert_eq!(got, &expected, "round {round}: {up} {path} {query}");
@@ -166,7 +164,7 @@ mod tests {
             let path = format!("/items/{}", k % 13);
             let query = format!("id={k}&utm_source=x{i}");
             let expected = route.normalize("up", "GET", &path, &query, None);
-            let got = memo.get_or_insert(&route, "up", &path, &query, || {
+            let got = memo.get_or_insert(&route, &path, &query, || {
                 calls.set(calls.get() + 1);
                 route.normalize("up", "GET", &path, &query, None)
             });

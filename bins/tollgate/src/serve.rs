@@ -107,6 +107,7 @@ async fn run(cfg: Arc<Config>, db: Database) -> anyhow::Result<()> {
         0 => std::thread::available_parallelism().map_or(2, usize::from),
         n => n,
     };
+    crate::gateway::size_key_memos(workers);
     let max_body = cfg.server.max_body_bytes.as_usize();
     let server = HttpServer::new(move || {
         App::new()
