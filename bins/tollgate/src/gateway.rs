@@ -343,10 +343,11 @@ pub fn prewarm_interval(route: &RouteRuntime) -> Duration {
     (route.policy.ttl.mul_f64(0.8)).max(Duration::from_secs(1))
 }
 
-/// Slots of all workers' [`KeyMemo`]s together: about 3 MiB when empty, 10 MiB with targets
-/// of ~100 bytes, 32 MiB at most (every slot holding a [`crate::keymemo::MAX_TARGET`]-byte
-/// target). Each worker sees every key, so more slots each is a higher hit rate: with 100,000
-/// keys drawn with Zipf s = 1, ~48% of requests find their slot among 1,024, ~76% among 16,384.
+/// Slots of all workers' [`KeyMemo`]s together (more only past 32 workers, at the least of
+/// [`KEY_MEMO_SLOTS`] each): ~100 bytes a slot when empty (3 MiB), ~500 with a 100-byte target
+/// (15 MiB), under 1 KiB with a [`crate::keymemo::MAX_TARGET`]-byte one (32 MiB). Each worker
+/// sees every key, so more slots each is a higher hit rate: with 100,000 keys drawn with
+/// Zipf s = 1, ~48% of requests find their slot among 1,024, ~76% among 16,384 (simulated).
 const KEY_MEMO_TOTAL_SLOTS: usize = 32_768;
 
 /// Bounds of the slots of one worker's memo, whatever the number of workers.
