@@ -13,6 +13,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -179,16 +180,16 @@ pub enum Paths {
         /// E.g. `/bench/miss/item?k=r1-`.
         prefix: String,
     },
-    /// `prefix` followed by every key of `0..keys` once: worker `w` of `stride` asks for keys
-    /// `w`, `w + stride`, … (built-in generator only; run it with `max_requests = keys` and
-    /// `stride` connections, and past the last key a worker asks for a low key again).
+    /// `prefix` followed by the keys `0, 1, …, keys - 1` in turn, whichever worker asks, then
+    /// from 0 again: a run with `max_requests = keys` asks for every key once (built-in
+    /// generator only; made by [`Paths::sweep`]).
     Sweep {
         /// E.g. `/bench/zipf/item?id=`.
         prefix: String,
         /// How many keys.
         keys: usize,
-        /// The run's connections.
-        stride: usize,
+        /// The next key to ask for (before wrapping), shared by the run's workers.
+        next: Arc<AtomicU64>,
     },
     /// Each request picks one of `parts` with probability proportional to its share (built-in
     /// generator only).
@@ -198,6 +199,17 @@ pub enum Paths {
         /// Seed of the draws.
         seed: u64,
     },
+}
+
+impl Paths {
+    /// Every key of `0..keys` once, in order (see [`Paths::Sweep`]).
+    pub fn sweep(prefix: String, keys: usize) -> Paths {
+        Paths::Sweep {
+            prefix,
+            keys,
+            next: Arc::new(AtomicU64::new(0)),
+        }
+    }
 }
 
 /// One part of [`Paths::Mix`].
@@ -249,13 +261,8 @@ impl<'a> PathGen<'a> {
                 format!("{prefix}{}", zipf_pick(cdf, self.rng.next_f64()))
             }
             Paths::Unique { prefix } => format!("{prefix}{}-{}", self.worker, self.n),
-            Paths::Sweep {
-                prefix,
-                keys,
-                stride,
-            } => {
-                let key =
-                    (self.worker as u64 + *stride as u64 * (self.n - 1)) % (*keys).max(1) as u64;
+            Paths::Sweep { prefix, keys, next } => {
+                let key = next.fetch_add(1, Ordering::Relaxed) % (*keys).max(1) as u64;
                 format!("{prefix}{key}")
             }
             Paths::Mix { parts, .. } => {
@@ -1450,11 +1457,7 @@ mod tests {
         for (keys, connections) in [(100usize, 7usize), (64, 64), (10, 64), (1000, 1)] {
             let spec = Builtin {
                 addr: "127.0.0.1:1".parse().unwrap(),
-                paths: Paths::Sweep {
-                    prefix: "/k?id=".into(),
-                    keys,
-                    stride: connections,
-                },
+                paths: Paths::sweep("/k?id=".into(), keys),
                 connections,
                 threads: 1,
                 duration: Duration::from_secs(1),

@@ -210,6 +210,9 @@ pub struct Ctx<'a> {
 /// upstream's latency, as a gateway that costs nothing and coalesces nothing would.
 pub const SLOW_PREFIXES: [&str; 2] = [MISS_PREFIX, STAMPEDE_PREFIX];
 
+/// Paths of the `zipf` scenario: this, then the key's number.
+const ZIPF_PREFIX: &str = "/bench/zipf/properties?id=";
+
 /// Where `miss` paths start.
 const MISS_PREFIX: &str = "/bench/miss/";
 
@@ -230,7 +233,7 @@ fn scenario_paths(
     match scenario {
         Scenario::Hot => Paths::Fixed(HOT_PATH.into()),
         Scenario::Zipf => Paths::Zipf {
-            prefix: "/bench/zipf/properties?id=".into(),
+            prefix: ZIPF_PREFIX.into(),
             cdf: Arc::clone(zipf),
             cdf_file: zipf_file.to_path_buf(),
             seed,
@@ -329,16 +332,9 @@ impl Ctx<'_> {
             Scenario::Zipf => {
                 // Every key once, so that the measured runs are of a warm cache (the zipf
                 // warm-up alone leaves much of the tail cold), then the distribution itself.
-                let Paths::Zipf { prefix, .. } = self.paths(scenario, 0, 0) else {
-                    unreachable!("zipf requests zipf paths")
-                };
                 let sweep = Builtin {
                     addr: server.addr,
-                    paths: Paths::Sweep {
-                        prefix,
-                        keys: s.zipf_keys,
-                        stride: s.connections,
-                    },
+                    paths: Paths::sweep(ZIPF_PREFIX.into(), s.zipf_keys),
                     connections: s.connections,
                     threads: s.wrk_threads,
                     duration: ZIPF_SWEEP_LIMIT,
