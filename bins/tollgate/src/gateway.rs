@@ -180,15 +180,13 @@ impl Gateway {
         };
         if let Ok(s) = &result {
             if !s.fetched && s.status != CacheStatus::Bypass {
-                route.metrics.cost_saved.inc_by(route.cost);
+                route.metrics.saved();
             }
             if s.coalesced {
                 route.metrics.coalesced.inc();
             }
         }
-        route
-            .metrics
-            .observe(outcome, started.elapsed().as_secs_f64());
+        route.metrics.observe(outcome, started.elapsed());
         result
     }
 
@@ -563,7 +561,7 @@ fn build_route(upstream: &str, r: &RouteConfig, metrics: &Metrics) -> RouteRunti
         prewarm: r.prewarm.clone(),
         retry_post: r.retry_post,
         fallback: r.fallback.clone(),
-        metrics: metrics.route(upstream, &r.path),
+        metrics: metrics.route(upstream, &r.path, r.cost),
     }
 }
 

@@ -1,21 +1,26 @@
 //! Prometheus metrics. Per-route handles are resolved once at start so the hot path only
-//! increments atomics.
+//! increments atomics; those every request bumps are sharded per thread (`sharded.rs`).
+
+mod sharded;
+
+use std::time::Duration;
+
+use sharded::{RequestMetrics, RouteCounters};
 
 use prometheus::{
-    Counter, CounterVec, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter,
-    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric the gateway exports.
 pub struct Metrics {
     pub registry: Registry,
-    requests: IntCounterVec,
+    /// `tollgate_requests_total`, `tollgate_cost_saved_total`, `tollgate_request_duration_seconds`.
+    requests: RequestMetrics,
     upstream_calls: IntCounterVec,
     upstream_errors: IntCounterVec,
     cost_incurred: CounterVec,
-    cost_saved: CounterVec,
     coalesced: IntCounterVec,
-    latency: HistogramVec,
     pub client_errors: IntCounterVec,
     pub cache_entries: IntGauge,
     pub cache_bytes: IntGauge,
@@ -44,11 +49,10 @@ pub const OUTCOMES: [&str; 5] = ["hit", "miss", "stale", "bypass", "error"];
 
 /// Handles for one route, resolved at start.
 pub struct RouteMetrics {
-    requests: [IntCounter; 5],
-    latency: [Histogram; 5],
+    /// Requests, saved calls and latency: bumped by every request, so sharded per thread.
+    counters: RouteCounters,
     pub upstream_calls: IntCounter,
     pub cost_incurred: Counter,
-    pub cost_saved: Counter,
     pub coalesced: IntCounter,
     upstream_errors: IntCounterVec,
     upstream: String,
@@ -65,9 +69,14 @@ pub enum Outcome {
 }
 
 impl RouteMetrics {
-    pub fn observe(&self, outcome: Outcome, seconds: f64) {
-        self.requests[outcome as usize].inc();
-        self.latency[outcome as usize].observe(seconds);
+    /// Counts a request that ended in `outcome` after `elapsed`.
+    pub fn observe(&self, outcome: Outcome, elapsed: Duration) {
+        self.counters.observe(outcome as usize, elapsed);
+    }
+
+    /// Counts an answer given without an upstream call of its own: the route's cost saved.
+    pub fn saved(&self) {
+        self.counters.saved();
     }
 
     pub fn upstream_error(&self, kind: &str) {
@@ -80,13 +89,7 @@ impl RouteMetrics {
 impl Metrics {
     pub fn new() -> prometheus::Result<Self> {
         let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "tollgate_requests_total",
-                "Proxied requests by upstream, route and outcome",
-            ),
-            &["upstream", "route", "outcome"],
-        )?;
+        let requests = RequestMetrics::new()?;
         let upstream_calls = IntCounterVec::new(
             Opts::new("tollgate_upstream_calls_total", "Calls made to upstreams"),
             &["upstream", "route"],
@@ -105,30 +108,12 @@ impl Metrics {
             ),
             &["upstream", "route"],
         )?;
-        let cost_saved = CounterVec::new(
-            Opts::new(
-                "tollgate_cost_saved_total",
-                "Upstream cost avoided by cache hits, stale answers and coalescing (currency units)",
-            ),
-            &["upstream", "route"],
-        )?;
         let coalesced = IntCounterVec::new(
             Opts::new(
                 "tollgate_coalesced_waiters_total",
                 "Requests that waited on another request's upstream call",
             ),
             &["upstream", "route"],
-        )?;
-        let latency = HistogramVec::new(
-            HistogramOpts::new(
-                "tollgate_request_duration_seconds",
-                "Gateway latency of proxied requests",
-            )
-            .buckets(vec![
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                1.0, 2.5, 5.0, 10.0, 30.0,
-            ]),
-            &["upstream", "outcome"],
         )?;
         let client_errors = IntCounterVec::new(
             Opts::new(
@@ -215,9 +200,7 @@ impl Metrics {
         registry.register(Box::new(upstream_calls.clone()))?;
         registry.register(Box::new(upstream_errors.clone()))?;
         registry.register(Box::new(cost_incurred.clone()))?;
-        registry.register(Box::new(cost_saved.clone()))?;
         registry.register(Box::new(coalesced.clone()))?;
-        registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(client_errors.clone()))?;
         registry.register(Box::new(cache_entries.clone()))?;
         registry.register(Box::new(cache_bytes.clone()))?;
@@ -242,9 +225,7 @@ impl Metrics {
             upstream_calls,
             upstream_errors,
             cost_incurred,
-            cost_saved,
             coalesced,
-            latency,
             client_errors,
             cache_entries,
             cache_bytes,
@@ -266,14 +247,12 @@ impl Metrics {
         })
     }
 
-    /// Resolves the handles of one route.
-    pub fn route(&self, upstream: &str, route: &str) -> RouteMetrics {
+    /// Resolves the handles of one route, whose upstream calls cost `cost` each.
+    pub fn route(&self, upstream: &str, route: &str, cost: f64) -> RouteMetrics {
         RouteMetrics {
-            requests: OUTCOMES.map(|o| self.requests.with_label_values(&[upstream, route, o])),
-            latency: OUTCOMES.map(|o| self.latency.with_label_values(&[upstream, o])),
+            counters: self.requests.route(upstream, route, cost),
             upstream_calls: self.upstream_calls.with_label_values(&[upstream, route]),
             cost_incurred: self.cost_incurred.with_label_values(&[upstream, route]),
-            cost_saved: self.cost_saved.with_label_values(&[upstream, route]),
             coalesced: self.coalesced.with_label_values(&[upstream, route]),
             upstream_errors: self.upstream_errors.clone(),
             upstream: upstream.to_string(),
