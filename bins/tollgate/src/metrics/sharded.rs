@@ -286,7 +286,9 @@ impl Collector for RequestMetrics {
                     .collect();
                 let mut p = proto::Histogram::default();
                 p.set_bucket(buckets);
-                p.set_sample_count(h.sum(|c| c.count.load(Ordering::Relaxed)));
+                // Read while requests bump them, a bucket may have counted an observation the
+                // count has not yet: `+Inf` (the count) never below the last bucket.
+                p.set_sample_count(h.sum(|c| c.count.load(Ordering::Relaxed)).max(cumulative));
                 p.set_sample_sum(h.sum(|c| c.sum_nanos.load(Ordering::Relaxed)) as f64 / 1e9);
                 let mut m = proto::Metric::from_label(labels(&[
                     ("upstream", upstream),
