@@ -1,11 +1,11 @@
 //! The metrics every proxied request bumps, sharded per thread: requests by outcome, answers
 //! that saved an upstream call, and the latency histogram.
 //!
-//! As plain prometheus metrics they were half a dozen atomic read-modify-writes per request on
-//! cache lines every worker shares, each one a cache-line transfer between cores while the
+//! As plain prometheus metrics they would be half a dozen atomic read-modify-writes per request
+//! on cache lines every worker shares, each one a cache-line transfer between cores while the
 //! workers serve the same route. Here each thread bumps counters in a slot of its own (its own
-//! cache lines), and a scrape sums the slots. Exposed unchanged: same names, labels, types and
-//! buckets.
+//! cache lines), and a scrape sums the slots. Exposed as prometheus' own types would expose
+//! them: same names, labels, types and buckets.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
