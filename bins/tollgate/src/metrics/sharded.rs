@@ -23,7 +23,7 @@ use super::OUTCOMES;
 const SLOTS: usize = 16;
 
 /// Upper bounds (seconds) of `tollgate_request_duration_seconds`' buckets.
-pub const LATENCY_BUCKETS: [f64; 17] = [
+const LATENCY_BUCKETS: [f64; 17] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0, 30.0,
 ];
@@ -52,10 +52,10 @@ impl<T: Default> Shards<T> {
 }
 
 impl<T> Shards<T> {
-    /// The calling thread's value.
-    fn mine(&self) -> &T {
+    /// The value of `slot` (a [`slot()`]).
+    fn at(&self, slot: usize) -> &T {
         // `slot()` is below `SLOTS`, the length.
-        &self.0[slot() % self.0.len()].0
+        &self.0[slot % self.0.len()].0
     }
 
     fn sum(&self, f: impl Fn(&T) -> u64) -> u64 {
@@ -93,13 +93,14 @@ pub struct RouteCounters {
 impl RouteCounters {
     /// Counts one request that ended in `outcome` (index of [`OUTCOMES`]) after `elapsed`.
     pub fn observe(&self, outcome: usize, elapsed: Duration) {
-        if let Some(n) = self.counts.mine().requests.get(outcome) {
+        let slot = slot();
+        if let Some(n) = self.counts.at(slot).requests.get(outcome) {
             n.fetch_add(1, Ordering::Relaxed);
         }
         let Some(latency) = self.latency.get(outcome) else {
             return;
         };
-        let h = latency.mine();
+        let h = latency.at(slot);
         let seconds = elapsed.as_secs_f64();
         if let Some(b) = LATENCY_BUCKETS
             .iter()
@@ -115,7 +116,7 @@ impl RouteCounters {
 
     /// Counts one answer given without an upstream call of its own (its route's cost saved).
     pub fn saved(&self) {
-        self.counts.mine().saved.fetch_add(1, Ordering::Relaxed);
+        self.counts.at(slot()).saved.fetch_add(1, Ordering::Relaxed);
     }
 }
 
