@@ -141,6 +141,16 @@ impl Default for ServerConfig {
     }
 }
 
+impl ServerConfig {
+    /// How many worker threads serve: `workers`, or one per core when it is 0.
+    pub fn worker_threads(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(2, usize::from),
+            n => n,
+        }
+    }
+}
+
 impl fmt::Debug for ServerConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServerConfig")

@@ -502,7 +502,10 @@ fn build_upstream(
         connect_timeout: u.connect_timeout,
         timeout: u.timeout,
         max_body_bytes: u.body_limit(&config.cache).0,
-        pool_max_idle_per_host: u.max_idle_connections,
+        // Each worker thread keeps its own pool: the upstream's share of idle connections.
+        pool_max_idle_per_host: u
+            .max_idle_connections
+            .div_ceil(config.server.worker_threads()),
         resilience: resilience(u),
     })
     .map_err(|e| anyhow::anyhow!("upstream {}: {e}", u.name))?;

@@ -103,10 +103,7 @@ async fn run(cfg: Arc<Config>, db: Database) -> anyhow::Result<()> {
         db.backend(),
         redis,
     ));
-    let workers = match cfg.server.workers {
-        0 => std::thread::available_parallelism().map_or(2, usize::from),
-        n => n,
-    };
+    let workers = cfg.server.worker_threads();
     crate::gateway::size_key_memos(workers);
     let max_body = cfg.server.max_body_bytes.as_usize();
     let server = HttpServer::new(move || {

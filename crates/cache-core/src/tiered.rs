@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::clock::UnixMillis;
 use crate::entry::Entry;
@@ -75,8 +75,9 @@ impl L2Health {
 ///   [`put_many`](CacheStore::put_many) (a failed batch is tried once more, for a connection
 ///   the database closed); [`flush`](CacheStore::flush) waits for it. The writer lingers up to
 ///   20 ms after the first write of a batch for more to arrive
-///   ([`with_write_linger`](Self::with_write_linger)): one commit per batch instead of one per
-///   write or two is much less work for the database under a steady trickle of misses.
+///   ([`with_write_linger`](Self::with_write_linger)), unless a full batch is queued or a
+///   flush asks: one commit per batch instead of one per write or two is much less work for
+///   the database under a steady trickle of misses.
 /// * L2 failures never fail a lookup or a store: they are counted in [`TierStats`] and logged,
 ///   and the request is served from L1 or the upstream. After a failure L2 is skipped for a
 ///   cool-down (1 s by default, [`with_l2_cooldown`](Self::with_l2_cooldown)), so a database
@@ -85,6 +86,8 @@ pub struct TieredStore {
     l1: MemoryStore,
     l2: Arc<dyn CacheStore>,
     writes: mpsc::Sender<Write>,
+    /// Wakes a lingering writer: a batch is queued, or a flush.
+    ready: Arc<Notify>,
     stats: Arc<TierStats>,
     health: Arc<L2Health>,
     /// How long the writer waits for a batch to fill, in microseconds.
@@ -118,10 +121,12 @@ impl TieredStore {
         });
         let linger_us = Arc::new(AtomicU64::new(micros(DEFAULT_WRITE_LINGER)));
         let filter = Arc::new(std::sync::OnceLock::new());
+        let ready = Arc::new(Notify::new());
         tokio::spawn(write_behind(
             rx,
             Arc::clone(&l2),
             Writer {
+                ready: Arc::clone(&ready),
                 stats: Arc::clone(&stats),
                 health: Arc::clone(&health),
                 linger_us: Arc::clone(&linger_us),
@@ -132,6 +137,7 @@ impl TieredStore {
             l1,
             l2,
             writes: tx,
+            ready,
             stats,
             health,
             linger_us,
@@ -208,6 +214,7 @@ const WRITE_BATCH: usize = 64;
 
 /// What the L2 writer shares with its store.
 struct Writer {
+    ready: Arc<Notify>,
     stats: Arc<TierStats>,
     health: Arc<L2Health>,
     linger_us: Arc<AtomicU64>,
@@ -226,15 +233,20 @@ async fn write_behind(mut rx: mpsc::Receiver<Write>, l2: Arc<dyn CacheStore>, wr
     let mut queued = Vec::with_capacity(WRITE_BATCH);
     while rx.recv_many(&mut queued, WRITE_BATCH).await > 0 {
         let linger = Duration::from_micros(writer.linger_us.load(Ordering::Relaxed));
-        let deadline = tokio::time::Instant::now() + linger;
-        while queued.len() < WRITE_BATCH
+        if queued.len() < WRITE_BATCH
             && !linger.is_zero()
             && !queued.iter().any(|w| matches!(w, Write::Flush(_)))
         {
-            let room = WRITE_BATCH - queued.len();
-            match tokio::time::timeout_at(deadline, rx.recv_many(&mut queued, room)).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
+            // Waits to be told, not on the channel: waiting on the channel woke this task
+            // for every write, from another thread mostly (a syscall and a context switch
+            // per cache store under a stream of misses).
+            let deadline = tokio::time::Instant::now() + linger;
+            let _ = tokio::time::timeout_at(deadline, writer.ready.notified()).await;
+            while queued.len() < WRITE_BATCH {
+                match rx.try_recv() {
+                    Ok(w) => queued.push(w),
+                    Err(_) => break,
+                }
             }
         }
         let mut batch = Vec::with_capacity(queued.len());
@@ -356,6 +368,11 @@ impl CacheStore for TieredStore {
         if self.writes.send(Write::Put(key, entry)).await.is_err() {
             return Err(CacheError::backend(self.l2.name(), "L2 writer stopped"));
         }
+        // A full batch (or a full queue, when it holds less) ends the writer's linger.
+        let max = self.writes.max_capacity();
+        if max - self.writes.capacity() >= WRITE_BATCH.min(max) {
+            self.ready.notify_one();
+        }
         Ok(())
     }
 
@@ -386,7 +403,11 @@ impl CacheStore for TieredStore {
 
     async fn flush(&self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        if self.writes.send(Write::Flush(tx)).await.is_err() || rx.await.is_err() {
+        if self.writes.send(Write::Flush(tx)).await.is_err() {
+            return Err(CacheError::backend(self.l2.name(), "L2 writer stopped"));
+        }
+        self.ready.notify_one();
+        if rx.await.is_err() {
             return Err(CacheError::backend(self.l2.name(), "L2 writer stopped"));
         }
         self.l2.flush().await

@@ -1153,6 +1153,44 @@ async fn the_l2_writer_commits_a_trickle_of_writes_together() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_full_batch_does_not_wait_for_the_linger() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let l2 = Arc::new(CountingStore {
+        inner: MemoryStore::with_clock(8 << 20, clock.clone()),
+        gets: AtomicUsize::new(0),
+        batches: AtomicUsize::new(0),
+        hold_next_get: std::sync::Mutex::new(None),
+    });
+    let tiers = TieredStore::new(
+        MemoryStore::with_clock(8 << 20, clock.clone()),
+        l2.clone(),
+        1024,
+    )
+    .with_write_linger(Duration::from_secs(60));
+    let started = tokio::time::Instant::now();
+    // The first write starts the linger; 64 more queue behind it, a full batch.
+    for i in 0..65 {
+        let (k, e) = tiny_entry(&format!("GET up /batch/{i}"), &CachePolicy::default());
+        tiers.put(k, e).await.expect("put");
+        if i == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    while l2.usage().await.expect("usage").entries < 64 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "written after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(l2.batches.load(Ordering::SeqCst), 1, "one batch of 64");
+    // The 65th waits for company (or the linger's end).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(l2.usage().await.expect("usage").entries, 64);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_flush_does_not_wait_for_the_linger() {
     let clock = Arc::new(ManualClock::new(T0));
     let (l2, tiers) = counted_tiers(&clock);

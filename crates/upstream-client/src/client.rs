@@ -18,7 +18,7 @@ use crate::error::{Result, UpstreamError};
 use crate::headers;
 use crate::resilience::{self, Guard, Reason, Resilience};
 use crate::target::Base;
-use crate::transport::{self, Body, Pool};
+use crate::transport::{self, Body, Pools};
 
 // === impl UpstreamSettings ===
 
@@ -41,7 +41,9 @@ pub struct UpstreamSettings {
     /// The largest response body accepted; larger ones fail with
     /// [`UpstreamError::BodyTooLarge`].
     pub max_body_bytes: u64,
-    /// How many idle keep-alive connections the pool keeps per host.
+    /// How many idle keep-alive connections each thread's pool keeps per host: the client
+    /// keeps one pool per thread that sends (a connection is used on the thread that opened
+    /// it), so the most kept idle is this times the threads that send.
     pub pool_max_idle_per_host: usize,
     /// Circuit breaker, retries and retry budget for this upstream (all on by default).
     pub resilience: Resilience,
@@ -171,8 +173,9 @@ impl UpstreamResponse {
 
 // === impl UpstreamClient ===
 
-/// The HTTP client for one upstream: one connection pool, its credentials, its limits, its
-/// circuit breaker and its retry budget. Cheap to clone; clones share all of them.
+/// The HTTP client for one upstream: its connection pools (one per thread that sends), its
+/// credentials, its limits, its circuit breaker and its retry budget. Cheap to clone; clones
+/// share all of them.
 #[derive(Clone)]
 pub struct UpstreamClient {
     inner: Arc<Inner>,
@@ -184,7 +187,7 @@ struct Inner {
     injected: Vec<(HeaderName, HeaderValue)>,
     /// `Authorization` for the base URL's user info, if it has any.
     url_auth: Option<HeaderValue>,
-    http: Pool,
+    http: Pools,
     timeout: Duration,
     max_body_bytes: u64,
     guard: Guard,
@@ -269,7 +272,7 @@ impl UpstreamClient {
         crate::install_crypto_provider();
         // No proxy from the environment, no redirects followed (a gateway hands them to its
         // client), no Referer, no decompression: the pool does none of these.
-        let http = transport::pool(s.connect_timeout, s.pool_max_idle_per_host).map_err(|e| {
+        let http = transport::pools(s.connect_timeout, s.pool_max_idle_per_host).map_err(|e| {
             UpstreamError::config(format!(
                 "upstream {}: cannot build the HTTP client: {e}",
                 s.name
@@ -443,7 +446,7 @@ impl UpstreamClient {
         let exchange = async {
             let mut resends = 0;
             let response = loop {
-                match self.inner.http.request(self.request(call)?).await {
+                match self.inner.http.get().request(self.request(call)?).await {
                     Ok(response) => break response,
                     // Not an attempt of its own: the upstream has not processed the request.
                     Err(e)

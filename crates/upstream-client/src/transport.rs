@@ -1,5 +1,11 @@
-//! The connection pool under an [`UpstreamClient`](crate::UpstreamClient): hyper-util's
-//! pooled client over TCP and rustls, HTTP/1.1 and HTTP/2 (chosen by ALPN).
+//! The connection pools under an [`UpstreamClient`](crate::UpstreamClient): hyper-util's
+//! pooled client over TCP and rustls, HTTP/1.1 and HTTP/2 (chosen by ALPN), one per thread
+//! that sends.
+//!
+//! Per thread because a pooled connection is a task on the runtime that opened it: a request
+//! on another thread's connection wakes that thread to write it, and the response wakes the
+//! sender back (two cross-thread wake-ups, each a syscall, per call). A gateway with one
+//! current-thread runtime per worker opens and reuses each connection on one thread.
 //!
 //! Only what a gateway needs: no proxy, no redirects, no decompression, no cookies, no
 //! default headers (those few the client adds are in `headers.rs`). The socket and pool
@@ -21,13 +27,17 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::ClientConfig;
 use rustls::crypto::CryptoProvider;
 use rustls_platform_verifier::BuilderVerifierExt;
+use thread_local::ThreadLocal;
 use tower_service::Service;
 
 /// A request body: always complete in memory.
 pub(crate) type Body = Full<Bytes>;
 
-/// One upstream's pooled HTTP client.
-pub(crate) type Pool = Client<ConnectTimeout<HttpsConnector<HttpConnector>>, Body>;
+/// How a pool connects: TCP (and TLS for https) within the connect timeout.
+type Connector = ConnectTimeout<HttpsConnector<HttpConnector>>;
+
+/// One thread's pooled HTTP client for an upstream.
+pub(crate) type Pool = Client<Connector, Body>;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -41,15 +51,38 @@ const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long an idle pooled connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Builds the pool: plain HTTP or HTTPS (rustls with the process's default crypto provider,
+/// One upstream's pools, one per thread that sends, each made on that thread's first request
+/// and dropped with the upstream's client.
+pub(crate) struct Pools {
+    per_thread: ThreadLocal<Pool>,
+    connector: Connector,
+    max_idle_per_host: usize,
+}
+
+impl Pools {
+    /// The calling thread's pool.
+    pub(crate) fn get(&self) -> &Pool {
+        self.per_thread.get_or(|| {
+            Client::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                .pool_max_idle_per_host(self.max_idle_per_host)
+                .build(self.connector.clone())
+        })
+    }
+}
+
+/// Builds the pools: plain HTTP or HTTPS (rustls with the process's default crypto provider,
 /// else `ring`, and the platform's trust store through `rustls-platform-verifier`), TCP_NODELAY,
-/// `connect_timeout` over TCP and TLS together, at most `max_idle_per_host` idle connections.
+/// `connect_timeout` over TCP and TLS together, at most `max_idle_per_host` idle connections
+/// in each thread's pool.
 ///
 /// Fails when no trust store can be loaded; the message says why, without secrets.
-pub(crate) fn pool(
+pub(crate) fn pools(
     connect_timeout: Duration,
     max_idle_per_host: usize,
-) -> Result<Pool, rustls::Error> {
+) -> Result<Pools, rustls::Error> {
     let mut tcp = HttpConnector::new();
     // https URLs pass through to the TLS layer around it.
     tcp.enforce_http(false);
@@ -76,15 +109,14 @@ pub(crate) fn pool(
         .enable_http2()
         .wrap_connector(tcp);
 
-    Ok(Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_max_idle_per_host(max_idle_per_host)
-        .build(ConnectTimeout {
+    Ok(Pools {
+        per_thread: ThreadLocal::new(),
+        connector: ConnectTimeout {
             inner: https,
             timeout: connect_timeout,
-        }))
+        },
+        max_idle_per_host,
+    })
 }
 
 /// How often a request the upstream refused unprocessed over HTTP/2 is sent again at once,

@@ -223,6 +223,56 @@ async fn concurrent_requests_open_connections_and_keep_them() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn each_thread_sends_on_connections_of_its_own() {
+    let mock = MockUpstream::start().await.unwrap();
+    let c = client(&mock.url());
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let send_three = |c: UpstreamClient| async move {
+        for _ in 0..3 {
+            assert_eq!(
+                c.send(OutboundRequest::get("/p", "")).await.unwrap().status,
+                200
+            );
+        }
+    };
+    let (a_sent, a_has_sent) = std::sync::mpsc::channel::<()>();
+    let (b_sent, b_has_sent) = tokio::sync::oneshot::channel::<()>();
+    let a = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            runtime().block_on(async {
+                send_three(c).await;
+                a_sent.send(()).unwrap();
+                // This runtime, and the idle connection its tasks keep, stays up meanwhile.
+                b_has_sent.await.unwrap();
+            });
+        })
+    };
+    let b = std::thread::spawn(move || {
+        a_has_sent.recv().unwrap();
+        runtime().block_on(send_three(c));
+        b_sent.send(()).unwrap();
+    });
+    tokio::task::spawn_blocking(move || {
+        a.join().unwrap();
+        b.join().unwrap();
+    })
+    .await
+    .unwrap();
+    assert_eq!(mock.calls(), 6);
+    assert_eq!(
+        mock.connections(),
+        2,
+        "one kept and reused by each thread, none taken from the other thread's pool"
+    );
+}
+
 // === HTTPS ===
 
 /// TLS for `localhost`/`127.0.0.1` with the test CA's certificate, offering `alpn`.
