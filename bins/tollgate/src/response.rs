@@ -65,7 +65,8 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 struct ReplayHeaders(Box<[(HeaderName, HeaderValue)]>);
 
 impl ReplayHeaders {
-    /// The entry's headers that are valid HTTP (anything else is skipped, as it always was).
+    /// The entry's headers that are valid HTTP (anything else is skipped, as it always was),
+    /// but for those [`respond`] always sets itself (an upstream's would be replaced).
     fn of(entry: &Entry) -> ReplayHeaders {
         let mut values = BytesMut::with_capacity(entry.headers.iter().map(|(_, v)| v.len()).sum());
         for (_, v) in &entry.headers {
@@ -77,10 +78,11 @@ impl ReplayHeaders {
         pairs.extend(entry.headers.iter().filter_map(|(k, v)| {
             let value = values.slice(start..start + v.len());
             start += v.len();
-            Some((
-                HeaderName::try_from(k.as_str()).ok()?,
-                HeaderValue::from_maybe_shared(value).ok()?,
-            ))
+            let name = HeaderName::try_from(k.as_str()).ok()?;
+            if [&X_CACHE, &X_UPSTREAM_COST, &X_REQUEST_ID].contains(&&name) {
+                return None;
+            }
+            Some((name, HeaderValue::from_maybe_shared(value).ok()?))
         }));
         ReplayHeaders(pairs.into_boxed_slice())
     }
@@ -119,7 +121,9 @@ pub fn respond(served: &Served, rid: &RequestId) -> HttpResponse {
     for (k, v) in replay.0.iter() {
         headers.append(k.clone(), v.clone());
     }
-    headers.insert(
+    // Appended, not inserted (which also looks for a value to replace): the replayed
+    // headers hold none of these three.
+    headers.append(
         X_CACHE.clone(),
         HeaderValue::from_static(served.status.as_str()),
     );
@@ -136,8 +140,8 @@ pub fn respond(served: &Served, rid: &RequestId) -> HttpResponse {
     } else {
         HeaderValue::from_str(&format_cost(cost)).unwrap_or(HeaderValue::from_static("0"))
     };
-    headers.insert(X_UPSTREAM_COST.clone(), cost);
-    headers.insert(X_REQUEST_ID.clone(), rid.header());
+    headers.append(X_UPSTREAM_COST.clone(), cost);
+    headers.append(X_REQUEST_ID.clone(), rid.header());
     resp
 }
 
@@ -184,6 +188,54 @@ mod tests {
         for secs in (0..STATIC_AGES + 20).chain([u64::from(u32::MAX), u64::MAX]) {
             assert_eq!(age(secs).to_str().ok(), Some(secs.to_string().as_str()));
         }
+    }
+
+    #[test]
+    fn tollgates_own_headers_replace_the_upstreams() {
+        let stored = |name: &str| (name.to_string(), format!("upstream's {name}"));
+        let entry = Entry::new(
+            "sig",
+            "up",
+            "/r",
+            200,
+            vec![
+                stored("x-cache"),
+                stored("x-request-id"),
+                stored("x-upstream-cost"),
+                stored("age"),
+                stored("etag"),
+            ],
+            bytes::Bytes::from_static(b"{}"),
+            0.5,
+            &cache_core::CachePolicy::default(),
+            0,
+        );
+        let served = |status, fetched| Served {
+            entry: std::sync::Arc::new(entry.clone()),
+            status,
+            age_secs: 7,
+            fetched,
+            coalesced: false,
+            stored: true,
+        };
+        let values = |resp: &HttpResponse, name: &str| -> Vec<String> {
+            resp.headers()
+                .get_all(name)
+                .map(|v| v.to_str().unwrap_or_default().to_string())
+                .collect()
+        };
+        let rid = RequestId::generated(1, 2);
+        let hit = respond(&served(CacheStatus::Hit, false), &rid);
+        assert_eq!(values(&hit, "x-cache"), ["HIT"]);
+        assert_eq!(values(&hit, "x-request-id"), ["00000001000000000002"]);
+        assert_eq!(values(&hit, "x-upstream-cost"), ["0"]);
+        assert_eq!(values(&hit, "age"), ["7"]);
+        assert_eq!(values(&hit, "etag"), ["upstream's etag"]);
+        let miss = respond(&served(CacheStatus::Miss, true), &rid);
+        assert_eq!(values(&miss, "x-cache"), ["MISS"]);
+        assert_eq!(values(&miss, "x-upstream-cost"), ["0.5"]);
+        // Tollgate sets no Age on a miss: the upstream's passes through.
+        assert_eq!(values(&miss, "age"), ["upstream's age"]);
     }
 
     #[test]
