@@ -795,25 +795,30 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_hit_replays_the_valid_entry_headers_and_adds_its_own() {
-        let entry = Entry::new(
+    /// A 200 with body `{}` and cost 0.5, stored at 0 with `headers`.
+    fn entry_with_headers(headers: Vec<(String, String)>) -> Entry {
+        Entry::new(
             "sig",
             "up",
             "/r",
             200,
-            vec![
-                ("content-type".into(), "application/json".into()),
-                ("bad name".into(), "x".into()),
-                ("x-bad-value".into(), "a\nb".into()),
-                ("x-dup".into(), "1".into()),
-                ("x-dup".into(), "2".into()),
-            ],
+            headers,
             Bytes::from_static(b"{}"),
             0.5,
             &cache_core::CachePolicy::default(),
             0,
-        );
+        )
+    }
+
+    #[test]
+    fn a_hit_replays_the_valid_entry_headers_and_adds_its_own() {
+        let entry = entry_with_headers(vec![
+            ("content-type".into(), "application/json".into()),
+            ("bad name".into(), "x".into()),
+            ("x-bad-value".into(), "a\nb".into()),
+            ("x-dup".into(), "1".into()),
+            ("x-dup".into(), "2".into()),
+        ]);
         let served = Served {
             entry: std::sync::Arc::new(entry),
             status: CacheStatus::Hit,
@@ -845,5 +850,43 @@ mod tests {
                 ]
             );
         }
+    }
+
+    #[test]
+    fn tollgates_own_headers_replace_the_upstreams() {
+        let stored = |name: &str| (name.to_string(), format!("upstream's {name}"));
+        let entry = entry_with_headers(vec![
+            stored("x-cache"),
+            stored("x-request-id"),
+            stored("x-upstream-cost"),
+            stored("age"),
+            stored("etag"),
+        ]);
+        let served = |status, fetched| Served {
+            entry: std::sync::Arc::new(entry.clone()),
+            status,
+            age_secs: 7,
+            fetched,
+            coalesced: false,
+            stored: true,
+        };
+        let values = |resp: &actix_web::HttpResponse, name: &str| -> Vec<String> {
+            resp.headers()
+                .get_all(name)
+                .map(|v| v.to_str().unwrap_or_default().to_string())
+                .collect()
+        };
+        let rid = RequestId::generated(1, 2);
+        let hit = respond(&served(CacheStatus::Hit, false), &rid);
+        assert_eq!(values(&hit, "x-cache"), ["HIT"]);
+        assert_eq!(values(&hit, "x-request-id"), ["00000001000000000002"]);
+        assert_eq!(values(&hit, "x-upstream-cost"), ["0"]);
+        assert_eq!(values(&hit, "age"), ["7"]);
+        assert_eq!(values(&hit, "etag"), ["upstream's etag"]);
+        let miss = respond(&served(CacheStatus::Miss, true), &rid);
+        assert_eq!(values(&miss, "x-cache"), ["MISS"]);
+        assert_eq!(values(&miss, "x-upstream-cost"), ["0.5"]);
+        // Tollgate sets no Age on a miss: the upstream's passes through.
+        assert_eq!(values(&miss, "age"), ["upstream's age"]);
     }
 }

@@ -191,54 +191,6 @@ mod tests {
     }
 
     #[test]
-    fn tollgates_own_headers_replace_the_upstreams() {
-        let stored = |name: &str| (name.to_string(), format!("upstream's {name}"));
-        let entry = Entry::new(
-            "sig",
-            "up",
-            "/r",
-            200,
-            vec![
-                stored("x-cache"),
-                stored("x-request-id"),
-                stored("x-upstream-cost"),
-                stored("age"),
-                stored("etag"),
-            ],
-            bytes::Bytes::from_static(b"{}"),
-            0.5,
-            &cache_core::CachePolicy::default(),
-            0,
-        );
-        let served = |status, fetched| Served {
-            entry: std::sync::Arc::new(entry.clone()),
-            status,
-            age_secs: 7,
-            fetched,
-            coalesced: false,
-            stored: true,
-        };
-        let values = |resp: &HttpResponse, name: &str| -> Vec<String> {
-            resp.headers()
-                .get_all(name)
-                .map(|v| v.to_str().unwrap_or_default().to_string())
-                .collect()
-        };
-        let rid = RequestId::generated(1, 2);
-        let hit = respond(&served(CacheStatus::Hit, false), &rid);
-        assert_eq!(values(&hit, "x-cache"), ["HIT"]);
-        assert_eq!(values(&hit, "x-request-id"), ["00000001000000000002"]);
-        assert_eq!(values(&hit, "x-upstream-cost"), ["0"]);
-        assert_eq!(values(&hit, "age"), ["7"]);
-        assert_eq!(values(&hit, "etag"), ["upstream's etag"]);
-        let miss = respond(&served(CacheStatus::Miss, true), &rid);
-        assert_eq!(values(&miss, "x-cache"), ["MISS"]);
-        assert_eq!(values(&miss, "x-upstream-cost"), ["0.5"]);
-        // Tollgate sets no Age on a miss: the upstream's passes through.
-        assert_eq!(values(&miss, "age"), ["upstream's age"]);
-    }
-
-    #[test]
     fn generated_ids_survive_their_clones() {
         let id = RequestId::generated(0xdead_beef, 0x1234_5678_9abc);
         let header = id.header();
