@@ -16,21 +16,42 @@ use crate::limits::Limits;
 use crate::metrics::Metrics;
 
 fn init_tracing(cfg: &Config) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    use tracing_subscriber::prelude::*;
+    let filter = log_filter(std::env::var(tracing_subscriber::EnvFilter::DEFAULT_ENV).ok());
     // Colours only for a person at a terminal: escape codes garble a log file or collector,
     // and cost time on every formatted span and event.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     let result = if cfg.server.log_format == crate::config::LogFormat::Json {
-        builder.json().try_init()
+        registry.with(layer.json().with_ansi(ansi)).try_init()
     } else {
-        builder.try_init()
+        registry.with(layer.with_ansi(ansi)).try_init()
     };
     if let Err(e) = result {
         eprintln!("tollgate: logging not initialised: {e}");
+    }
+}
+
+/// The filter for `RUST_LOG`'s directives (`info` when unset or invalid).
+///
+/// `Targets` when they filter by target and level only. `EnvFilter` takes a lock every worker
+/// shares on every enter and exit of every span, to match span and field directives
+/// (`target[span{field=value}]=level`); a miss enters its request's span several times. Those
+/// directives, and an empty `RUST_LOG`, keep `EnvFilter`.
+fn log_filter(
+    directives: Option<String>,
+) -> Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync> {
+    use tracing_subscriber::filter::{EnvFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    let Some(directives) = directives.filter(|d| EnvFilter::try_new(d).is_ok()) else {
+        return EnvFilter::new("info").boxed();
+    };
+    match directives.parse::<Targets>() {
+        Ok(targets) if !directives.contains('[') && !directives.trim().is_empty() => {
+            targets.boxed()
+        }
+        _ => EnvFilter::new(directives).boxed(),
     }
 }
 
@@ -355,4 +376,63 @@ pub fn purge_cli(cfg: &Config, req: PurgeRequest, url: Option<&str>) -> anyhow::
     })?;
     println!("purged {n} (from the database)");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+    use tracing::Level;
+    use tracing_subscriber::filter::{EnvFilter, Targets};
+    use tracing_subscriber::prelude::*;
+
+    /// The filter `RUST_LOG=directives` gets ("targets" or "env"), and whether it takes events
+    /// from `tollgate::gateway` at DEBUG, INFO and WARN, and from `hyper` at INFO.
+    fn filtered(directives: Option<&str>) -> (&'static str, [bool; 4]) {
+        let subscriber =
+            tracing_subscriber::registry().with(log_filter(directives.map(String::from)));
+        let kind = match (
+            subscriber.downcast_ref::<Targets>(),
+            subscriber.downcast_ref::<EnvFilter>(),
+        ) {
+            (Some(_), _) => "targets",
+            (_, Some(_)) => "env",
+            _ => "other",
+        };
+        let enabled = tracing::subscriber::with_default(subscriber, || {
+            [
+                tracing::enabled!(target: "tollgate::gateway", Level::DEBUG),
+                tracing::enabled!(target: "tollgate::gateway", Level::INFO),
+                tracing::enabled!(target: "tollgate::gateway", Level::WARN),
+                tracing::enabled!(target: "hyper", Level::INFO),
+            ]
+        });
+        (kind, enabled)
+    }
+
+    #[test]
+    fn rust_log_filters_by_target_and_level_without_envfilter_unless_it_names_spans() {
+        assert_eq!(filtered(None), ("env", [false, true, true, true]));
+        assert_eq!(
+            filtered(Some("warn")),
+            ("targets", [false, false, true, false])
+        );
+        assert_eq!(
+            filtered(Some("hyper=warn,tollgate=debug")),
+            ("targets", [true, true, true, false])
+        );
+        assert_eq!(
+            filtered(Some("info,hyper=off")),
+            ("targets", [false, true, true, false])
+        );
+        // Span directives need EnvFilter.
+        assert_eq!(
+            filtered(Some("warn,tollgate[request]=debug")),
+            ("env", [false, false, true, false])
+        );
+        // Invalid: as if unset.
+        assert_eq!(
+            filtered(Some("tollgate=loud")),
+            ("env", [false, true, true, true])
+        );
+    }
 }
