@@ -11,6 +11,7 @@ use actix_web::http::header::HeaderName;
 use keystore::{KeyCache, KeyError, KeyRecord};
 
 use crate::error::ApiError;
+use crate::http::RequestHeads;
 
 /// The caller of a request.
 #[derive(Debug, Clone)]
@@ -60,33 +61,23 @@ impl Identity {
 }
 
 // Looked up by a prepared name: a `&str` name is parsed again on every lookup.
-static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
-static X_CLIENT_ID: HeaderName = HeaderName::from_static("x-client-id");
+pub(crate) static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+pub(crate) static X_CLIENT_ID: HeaderName = HeaderName::from_static("x-client-id");
 
 /// The key a request presents, if any.
-fn presented_key(req: &HttpRequest) -> Option<&str> {
-    if let Some(v) = req
-        .headers()
-        .get(actix_web::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
+fn presented_key<'a>(heads: &RequestHeads<'a>) -> Option<&'a str> {
+    if let Some(v) = heads.authorization.and_then(|v| v.to_str().ok()) {
         let v = v.trim();
         if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
             return Some(v[7..].trim());
         }
     }
-    req.headers()
-        .get(&X_API_KEY)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
+    heads.api_key.and_then(|v| v.to_str().ok()).map(str::trim)
 }
 
 /// The anonymous client: a sane `X-Client-Id`, else the peer IP.
-fn anonymous_client(req: &HttpRequest) -> Client {
-    if let Some(id) = req
-        .headers()
-        .get(&X_CLIENT_ID)
-        .and_then(|v| v.to_str().ok())
+fn anonymous_client(heads: &RequestHeads<'_>, req: &HttpRequest) -> Client {
+    if let Some(id) = heads.client_id.and_then(|v| v.to_str().ok())
         && !id.is_empty()
         && id.len() <= 128
         && id.bytes().all(|b| b.is_ascii_graphic())
@@ -103,20 +94,32 @@ pub fn client_ip(req: &HttpRequest) -> Option<IpAddr> {
 
 /// Authenticates a request. A presented key must be valid even in anonymous mode; auth never
 /// fails open: a key store outage answers 503 for a key this node has not seen, never 401.
-pub async fn authenticate(
-    keys: &KeyCache,
+///
+/// Only a presented key is checked in a future (boxed: the key cache's state would otherwise
+/// be part of every request's future, see `Gateway::proxy`).
+pub fn authenticate<'a>(
+    keys: &'a KeyCache,
     required: bool,
+    heads: &RequestHeads<'a>,
     req: &HttpRequest,
-    request_id: &str,
-) -> Result<Identity, ApiError> {
-    let Some(presented) = presented_key(req).filter(|k| !k.is_empty()) else {
-        if required {
-            return Err(ApiError::unauthorized(
+    request_id: &'a str,
+) -> impl Future<Output = Result<Identity, ApiError>> + 'a {
+    use futures_util::future::Either;
+    let Some(presented) = presented_key(heads).filter(|k| !k.is_empty()) else {
+        let anonymous = if required {
+            Err(ApiError::unauthorized(
                 "an API key is required (Authorization: Bearer <key> or X-Api-Key)",
-            ));
-        }
-        return Ok(Identity::Anonymous(anonymous_client(req)));
+            ))
+        } else {
+            Ok(Identity::Anonymous(anonymous_client(heads, req)))
+        };
+        return Either::Left(std::future::ready(anonymous));
     };
+    Either::Right(Box::pin(verify(keys, presented, request_id)))
+}
+
+/// The identity of a presented key.
+async fn verify(keys: &KeyCache, presented: &str, request_id: &str) -> Result<Identity, ApiError> {
     match keys.verify(presented).await {
         Ok(v) => Ok(Identity::Key(v.record)),
         Err(KeyError::Unknown) => Err(ApiError::unauthorized("unknown API key")),

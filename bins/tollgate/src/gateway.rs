@@ -158,47 +158,17 @@ impl Gateway {
     }
 
     /// Serves a request on a resolved route. Records the route's metrics.
-    pub async fn proxy<H>(
-        &self,
-        up: &Arc<UpstreamRuntime>,
-        route: &Arc<RouteRuntime>,
-        req: ProxyRequest<'_, H>,
-    ) -> Result<Served, ApiError>
+    pub fn proxy<'a, H>(
+        &'a self,
+        up: &'a Arc<UpstreamRuntime>,
+        route: &'a Arc<RouteRuntime>,
+        req: ProxyRequest<'a, H>,
+    ) -> impl Future<Output = Result<Served, ApiError>> + 'a
     where
-        H: FnOnce() -> Vec<(String, String)>,
+        H: FnOnce() -> Vec<(String, String)> + 'a,
     {
+        use futures_util::future::Either;
         let started = std::time::Instant::now();
-        let result = self.proxy_inner(up, route, req).await;
-        let outcome = match &result {
-            Ok(s) => match s.status {
-                CacheStatus::Hit => Outcome::Hit,
-                CacheStatus::Miss => Outcome::Miss,
-                CacheStatus::Stale => Outcome::Stale,
-                CacheStatus::Bypass => Outcome::Bypass,
-            },
-            Err(_) => Outcome::Error,
-        };
-        if let Ok(s) = &result {
-            if !s.fetched && s.status != CacheStatus::Bypass {
-                route.metrics.saved();
-            }
-            if s.coalesced {
-                route.metrics.coalesced.inc();
-            }
-        }
-        route.metrics.observe(outcome, started.elapsed());
-        result
-    }
-
-    async fn proxy_inner<H>(
-        &self,
-        up: &Arc<UpstreamRuntime>,
-        route: &Arc<RouteRuntime>,
-        req: ProxyRequest<'_, H>,
-    ) -> Result<Served, ApiError>
-    where
-        H: FnOnce() -> Vec<(String, String)>,
-    {
         // HEAD is answered from the GET entry.
         let key_method = if req.method == "HEAD" {
             "GET"
@@ -214,10 +184,40 @@ impl Gateway {
                 .flatten();
             hit.ok_or_else(|| n.clone())
         });
-        let normalized = match peeked {
-            Ok(hit) => return Ok(hit),
-            Err(normalized) => normalized,
-        };
+        // A fresh in-memory hit is answered here, without a future of its own: the caller's
+        // future then holds neither this request nor the miss path's state (a request's future
+        // over 1 KiB is allocated past malloc's per-thread cache, and moved, on every request).
+        match peeked {
+            Ok(hit) => {
+                let result = Ok(hit);
+                count(route, &result, started);
+                Either::Left(std::future::ready(result))
+            }
+            Err(normalized) => {
+                let miss = self.miss(up, route, req, normalized, key_method, cacheable);
+                Either::Right(async move {
+                    let result = miss.await;
+                    count(route, &result, started);
+                    result
+                })
+            }
+        }
+    }
+
+    /// The answer to a request the in-memory cache had no fresh answer for (`normalized`):
+    /// from L2, a stale entry, another request's fetch, or the upstream.
+    fn miss<'a, H>(
+        &'a self,
+        up: &'a Arc<UpstreamRuntime>,
+        route: &'a Arc<RouteRuntime>,
+        req: ProxyRequest<'a, H>,
+        normalized: cache_core::Normalized,
+        key_method: &'a str,
+        cacheable: bool,
+    ) -> impl Future<Output = Result<Served, ApiError>> + 'a
+    where
+        H: FnOnce() -> Vec<(String, String)> + 'a,
+    {
         // Built past the hit: its two `Arc` clones are shared counters every worker bumps.
         let cache_req = CacheRequest {
             signature: normalized.signature,
@@ -231,8 +231,7 @@ impl Gateway {
         // by the cache, inherits the span). Not before: a span costs about as much as the
         // rest of a hit's own work.
         let span = tracing::error_span!("request", request_id = %req.request_id);
-        // Boxed: the miss path's state (lookup, coalescing, the fetch) is kilobytes, and a
-        // future holding it inline is copied and zeroed on every request, hits included.
+        // Boxed: the miss path's state (lookup, coalescing, the fetch) is kilobytes.
         Box::pin(async move {
             if let Some(budget_reset) = req.cached_only {
                 return match self.cache.lookup(&cache_req.signature).await {
@@ -288,7 +287,6 @@ impl Gateway {
             Ok(served)
         }
         .instrument(span))
-        .await
     }
 
     /// Fetches every route's `prewarm` paths once, spaced out; returns how many succeeded.
@@ -378,6 +376,29 @@ thread_local! {
 
 /// Calls `f` with the request's normalized form: from this thread's memo for a GET, else
 /// normalized for this call.
+/// Counts an answer of `route` in its metrics: its outcome and latency, a saved upstream
+/// call, a coalesced one.
+fn count(route: &RouteRuntime, result: &Result<Served, ApiError>, started: std::time::Instant) {
+    let outcome = match result {
+        Ok(s) => match s.status {
+            CacheStatus::Hit => Outcome::Hit,
+            CacheStatus::Miss => Outcome::Miss,
+            CacheStatus::Stale => Outcome::Stale,
+            CacheStatus::Bypass => Outcome::Bypass,
+        },
+        Err(_) => Outcome::Error,
+    };
+    if let Ok(s) = result {
+        if !s.fetched && s.status != CacheStatus::Bypass {
+            route.metrics.saved();
+        }
+        if s.coalesced {
+            route.metrics.coalesced.inc();
+        }
+    }
+    route.metrics.observe(outcome, started.elapsed());
+}
+
 fn normalized_then<T>(
     up: &UpstreamRuntime,
     route: &Arc<RouteRuntime>,

@@ -211,25 +211,53 @@ impl Limits {
         rate_outcome(&d, limit, what)
     }
 
-    /// The per-IP ingress limit, before authentication.
-    pub async fn ingress(
-        &self,
+    /// The per-IP ingress limit, before authentication (without one, no future to run; a
+    /// check is boxed, see [`admit`](Self::admit)).
+    pub fn ingress<'a>(
+        &'a self,
         ip: Option<IpAddr>,
-        request_id: &str,
-    ) -> Result<Option<Headers>, ApiError> {
+        request_id: &'a str,
+    ) -> impl Future<Output = Result<Option<Headers>, ApiError>> + 'a {
+        use futures_util::future::Either;
         match &self.per_ip {
-            None => Ok(None),
-            Some(limit) => {
+            None => Either::Left(std::future::ready(Ok(None))),
+            Some(limit) => Either::Right(Box::pin(async move {
                 let key = crate::auth::Client::Ip(ip).to_string();
                 self.check(&key, limit, "per-IP", request_id)
                     .await
                     .map(Some)
-            }
+            })),
         }
     }
 
     /// Rate limits, quotas and budget of an identified client on a route.
-    pub async fn admit(
+    ///
+    /// An anonymous client without a per-client limit, on a route without one, has nothing to
+    /// check: answered without a future (the checks' state cost such a hit ~650 instructions
+    /// to set up and run); one that checks is boxed, as its state would otherwise be part of
+    /// every request's future (see `Gateway::proxy`).
+    pub fn admit<'a>(
+        &'a self,
+        identity: &'a Identity,
+        upstream: &'a str,
+        route: &'a RouteRuntime,
+        ingress: Option<Headers>,
+        request_id: &'a str,
+    ) -> impl Future<Output = Result<Admission, ApiError>> + 'a {
+        use futures_util::future::Either;
+        if identity.key().is_none() && self.per_client.is_none() && route.rate_limit.is_none() {
+            return Either::Left(std::future::ready(Ok(Admission {
+                tightest: ingress,
+                ..Admission::default()
+            })));
+        }
+        Either::Right(Box::pin(
+            self.admit_checked(identity, upstream, route, ingress, request_id),
+        ))
+    }
+
+    /// [`admit`](Self::admit) when there is something to check.
+    async fn admit_checked(
         &self,
         identity: &Identity,
         upstream: &str,
@@ -383,24 +411,42 @@ impl Limits {
 
     /// Counts what a served request used: request quotas not yet counted (when hits don't
     /// count) and the upstream cost against the spend budgets.
-    pub async fn record(
-        &self,
-        identity: &Identity,
-        admission: &Admission,
+    ///
+    /// Most answers count nothing here, and get no future to run (one that does is boxed, see
+    /// [`admit`](Self::admit)).
+    pub fn record<'a>(
+        &'a self,
+        identity: &'a Identity,
+        admission: &'a Admission,
         called_upstream: bool,
         cost: f64,
-        request_id: &str,
-    ) {
+        request_id: &'a str,
+    ) -> impl Future<Output = ()> + 'a {
+        use futures_util::future::Either;
         // Nothing to count for an answer that made no upstream call (a hit).
         let Some(key) = identity.key().filter(|_| called_upstream) else {
-            return;
+            return Either::Left(std::future::ready(()));
         };
         let has_budget = key.daily_budget_micros.is_some() || key.monthly_budget_micros.is_some();
         let spends = has_budget && cost > 0.0;
         // Most misses count nothing here either (hits count at admission, no budget).
         if admission.count_after.is_empty() && !spends {
-            return;
+            return Either::Left(std::future::ready(()));
         }
+        Either::Right(Box::pin(
+            self.record_counted(identity, admission, spends, cost, request_id),
+        ))
+    }
+
+    /// [`record`](Self::record) when there is something to count.
+    async fn record_counted(
+        &self,
+        identity: &Identity,
+        admission: &Admission,
+        spends: bool,
+        cost: f64,
+        request_id: &str,
+    ) {
         let subject = identity.subject();
         let now = crate::keys::now_millis();
         let requests = requests_counter(&subject);

@@ -27,14 +27,26 @@ impl RequestId {
 
     /// A new id: `prefix`, then the low 48 bits of `n`, in hex.
     pub fn generated(prefix: u32, n: u64) -> RequestId {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
+        /// The two hex digits of every byte, by byte: a byte at a time, not a digit.
+        const PAIRS: [[u8; 2]; 256] = {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            let mut pairs = [[0; 2]; 256];
+            let mut b = 0;
+            while b < 256 {
+                pairs[b] = [HEX[b >> 4], HEX[b & 0xf]];
+                b += 1;
+            }
+            pairs
+        };
         let mut buf = [0u8; 20];
         // the prefix in the first 8 digits, the counter's low 48 bits in the last 12
-        for (i, b) in buf[..8].iter_mut().enumerate() {
-            *b = HEX[((prefix >> (28 - 4 * i)) & 0xf) as usize];
-        }
-        for (i, b) in buf[8..].iter_mut().enumerate() {
-            *b = HEX[((n >> (44 - 4 * i)) & 0xf) as usize];
+        let counter = n.to_be_bytes();
+        let bytes = prefix
+            .to_be_bytes()
+            .into_iter()
+            .chain(counter[2..].iter().copied());
+        for (digits, byte) in buf.chunks_exact_mut(2).zip(bytes) {
+            digits.copy_from_slice(&PAIRS[usize::from(byte)]);
         }
         // Owned by its `Bytes`, so the clone that answers with it shares it (a copied slice
         // would allocate again on its first clone).
