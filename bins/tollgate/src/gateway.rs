@@ -374,8 +374,6 @@ thread_local! {
     );
 }
 
-/// Calls `f` with the request's normalized form: from this thread's memo for a GET, else
-/// normalized for this call.
 /// Counts an answer of `route` in its metrics: its outcome and latency, a saved upstream
 /// call, a coalesced one.
 fn count(route: &RouteRuntime, result: &Result<Served, ApiError>, started: std::time::Instant) {
@@ -399,6 +397,8 @@ fn count(route: &RouteRuntime, result: &Result<Served, ApiError>, started: std::
     route.metrics.observe(outcome, started.elapsed());
 }
 
+/// Calls `f` with the request's normalized form: from this thread's memo for a GET, else
+/// normalized for this call.
 fn normalized_then<T>(
     up: &UpstreamRuntime,
     route: &Arc<RouteRuntime>,
