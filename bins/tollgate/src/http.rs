@@ -196,7 +196,7 @@ enum Own {
 /// Whether `path` is under one of the gateway's own first segments (`/health`, `/admin/...`).
 fn own_endpoint(path: &str) -> bool {
     let rest = path.strip_prefix('/').unwrap_or(path);
-    let first = rest.split_at(slash(rest).unwrap_or(rest.len())).0;
+    let first = &rest[..slash(rest).unwrap_or(rest.len())];
     crate::config::RESERVED_NAMES.contains(&first)
 }
 

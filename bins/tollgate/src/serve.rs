@@ -47,12 +47,13 @@ fn log_filter(
     let Some(directives) = directives.filter(|d| EnvFilter::try_new(d).is_ok()) else {
         return EnvFilter::new("info").boxed();
     };
-    match directives.parse::<Targets>() {
-        Ok(targets) if !directives.contains('[') && !directives.trim().is_empty() => {
-            targets.boxed()
-        }
-        _ => EnvFilter::new(directives).boxed(),
+    if !directives.contains('[')
+        && !directives.trim().is_empty()
+        && let Ok(targets) = directives.parse::<Targets>()
+    {
+        return targets.boxed();
     }
+    EnvFilter::new(directives).boxed()
 }
 
 /// Runs the gateway until SIGTERM / SIGINT, then finishes in-flight requests and flushes the
