@@ -1139,14 +1139,20 @@ pub fn stampede(
             let req = Arc::clone(&req);
             set.spawn(async move {
                 let began = Instant::now();
-                c.request(&req, timeout)
-                    .await
-                    .map(|s| (s, nanos(began.elapsed())))
+                let r = c.request(&req, timeout).await;
+                // The connection goes back to be closed after the last answer: a close is
+                // work for both ends, and would delay the answers still being sent.
+                (r.map(|s| (s, nanos(began.elapsed()))), c)
             });
         }
         let mut ok = 0;
         let mut latencies = Vec::with_capacity(clients);
+        let mut open = Vec::with_capacity(clients);
         while let Some(r) = set.join_next().await {
+            let r = r.map(|(r, c)| {
+                open.push(c);
+                r
+            });
             match r {
                 Ok(Ok((status, n))) => {
                     latencies.push(n);
@@ -1161,6 +1167,7 @@ pub fn stampede(
                 Ok(Err(Failure::Timeout)) => errors.timeout += 1,
             }
         }
+        drop(open);
         Ok(StampedeResult {
             clients,
             ok,
@@ -1428,6 +1435,54 @@ end
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// The stampede's connections stay open until every answer is in: a client closing its
+    /// connection as soon as it has its answer makes the server close it too, while the
+    /// server still has answers to send.
+    #[test]
+    fn a_stampede_closes_no_connection_before_the_last_answer() {
+        use std::io::{Read, Write};
+        const CLIENTS: usize = 20;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let mut conns: Vec<std::net::TcpStream> =
+                (0..CLIENTS).map(|_| listener.accept().unwrap().0).collect();
+            for c in &mut conns {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    c.read_exact(&mut byte).unwrap();
+                    head.push(byte[0]);
+                }
+            }
+            // Answer one connection at a time; after each, look for answered ones closed.
+            let mut closed_early = 0;
+            for i in 0..CLIENTS {
+                conns[i]
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(5));
+                if i + 1 == CLIENTS {
+                    break;
+                }
+                for c in &conns[..=i] {
+                    c.set_nonblocking(true).unwrap();
+                    if matches!(c.peek(&mut [0u8; 1]), Ok(0)) {
+                        closed_early += 1;
+                    }
+                }
+            }
+            closed_early
+        });
+        let result = stampede(addr, "/k", CLIENTS, Duration::from_secs(5)).unwrap();
+        assert_eq!(result.ok, CLIENTS as u64);
+        assert_eq!(
+            server.join().unwrap(),
+            0,
+            "connections closed before the last answer"
+        );
+    }
 
     /// 64 connections drawing 40 keys each out of 200 request nearly every key: their
     /// streams are independent, not shifted copies of one stream.

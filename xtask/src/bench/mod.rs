@@ -667,14 +667,18 @@ fn describe(scenario: Scenario, s: &Settings) -> String {
             s.upstream_delay.as_millis(),
         ),
         Scenario::Stampede => format!(
-            "{} connections opened first, then one request each for the same cold key at the \
+            "Every target first answers {} other cold keys, one new connection each, so that \
+             its workers hold upstream connections (a gateway that has been serving). Then {} \
+             connections are opened, and one request each is sent for the same cold key at the \
              same instant (built-in generator), a new key every round; upstream latency {} ms. \
+             Connections are closed after the last answer. \
              Waiter latency from each request's send; upstream calls counted by the mock, which \
              also tells when the first call arrived (ms after the first send: how long the \
              gateway took to start the fetch). The \
              floor answers every request after {} ms on its own (no coalescing, no upstream): \
              its p50 is the upstream latency plus what this harness and 1,000 answers on this \
              machine add, the bar for a gateway's waiters.",
+            scenarios::stampede_warmup_keys(s.server_workers),
             s.stampede_clients,
             s.upstream_delay.as_millis(),
             s.upstream_delay.as_millis()

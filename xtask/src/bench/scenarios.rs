@@ -358,6 +358,20 @@ impl Ctx<'_> {
                 self.closed_loop(server, &paths, s.connections, s.zipf_warmup, &[])?;
                 Ok(None)
             }
+            Scenario::Stampede => {
+                // A few cold keys, each on a new connection (servers hand new connections to
+                // their workers in turn): every worker then holds an upstream connection, as
+                // in a gateway that has been serving, and the rounds time a cold key, not a
+                // cold process.
+                for i in 0..stampede_warmup_keys(s.server_workers) {
+                    let path = format!("{STAMPEDE_PREFIX}properties?warm={i}");
+                    let (status, _) = load::get_once(server.addr, &path, s.timeout)?;
+                    if !(200..300).contains(&status) {
+                        anyhow::bail!("{}: warm-up {path} answered {status}", server.kind.name());
+                    }
+                }
+                Ok(None)
+            }
             _ => Ok(None),
         }
     }
@@ -439,6 +453,11 @@ fn upstream_called_after(
         .filter(|r| r.query == query && r.arrived >= first_send)
         .map(|r| r.arrived.duration_since(first_send).as_secs_f64() * 1e3)
         .reduce(f64::min)
+}
+
+/// Cold keys the `stampede` warm-up asks for: twice the workers, at least 4.
+pub fn stampede_warmup_keys(workers: usize) -> usize {
+    (2 * workers).max(4)
 }
 
 /// The longest the zipf warm-up may take to ask for every key once (about 10 s for 100,000
