@@ -317,8 +317,9 @@ impl Ctx<'_> {
         .run()
     }
 
-    /// Prepares `server` for the first round: fills its cache for `hot` and `zipf`. Returns
-    /// the `X-Cache` header seen on a probe of the hot key afterwards (`hot` only).
+    /// Prepares `server` for the first round: fills its cache for `hot` and `zipf`, opens its
+    /// workers' upstream connections for `stampede`. Returns the `X-Cache` header seen on a
+    /// probe of the hot key afterwards (`hot` only).
     pub fn warm_up(&self, scenario: Scenario, server: &Server) -> anyhow::Result<Option<String>> {
         let s = self.settings;
         match scenario {
