@@ -188,6 +188,19 @@ pub fn connect(
     in_memory_schema: &'static [&'static str],
     timeout: Duration,
 ) -> Result<Pool, PoolError> {
+    connect_with_pragmas(url, pool_size, in_memory_schema, timeout, "")
+}
+
+/// [`connect`], each connection then also running `pragmas` (after [`PRAGMAS`]): settings
+/// of the connection itself, for a store whose writes need other trade-offs than the
+/// defaults'.
+pub fn connect_with_pragmas(
+    url: &str,
+    pool_size: usize,
+    in_memory_schema: &'static [&'static str],
+    timeout: Duration,
+    pragmas: &'static str,
+) -> Result<Pool, PoolError> {
     let (target, in_memory) = database_target(url)?;
     let mut config = ManagerConfig::<Conn>::default();
     // A local file does not go away under an idle connection: no test query per checkout.
@@ -196,7 +209,9 @@ pub fn connect(
         let url = url.to_owned();
         Box::pin(async move {
             let mut conn = Conn::establish(&url).await?;
-            let setup = std::iter::once(PRAGMAS)
+            let setup = [PRAGMAS, pragmas]
+                .into_iter()
+                .filter(|sql| !sql.is_empty())
                 .chain(in_memory_schema.iter().copied().filter(|_| in_memory));
             for sql in setup {
                 conn.batch_execute(sql)
